@@ -1,0 +1,606 @@
+"""A local Slack, for the `breakglass demo` command and for the test suite.
+
+It plays both sides of the wire, over real HTTP on 127.0.0.1:
+
+* `SlackEmulator` is the Slack Web API the bot calls (give the bot
+  `emu.api_url` as SLACK_API_URL). It answers the methods the bot uses with
+  realistic payloads, records every call, keeps a model of the channels
+  (messages with their edit history, ephemerals, opened modals) so a
+  transcript can be shown, can inject faults (HTTP errors, 429s, `ok: false`,
+  hangs), and is a sink for `response_url` posts.
+* `SlackSender` is Slack's servers calling the app: signed slash commands,
+  button clicks and modal submissions, shaped as Slack sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import web
+
+from bot.slack.signature import compute_signature
+
+JSON = dict[str, Any]
+
+BOT_USER_ID = "UBOT"
+BOT_ID = "B0EMU"
+TEAM_ID = "T0EMU"
+TEAM_DOMAIN = "emulated"
+APP_ID = "A0EMU"
+SLACK_USER_AGENT = "Slackbot 1.0 (+https://api.slack.com/robots)"
+_JSON_FIELDS = ("blocks", "view", "attachments", "metadata")
+_FIRST_TS = 1_700_000_000_000_000  # microseconds; ts strings are "<seconds>.<micros>"
+
+
+@dataclass
+class ApiCall:
+    method: str
+    params: JSON
+    token: str | None
+    at: float
+    fault: str | None = None  # what was injected into this call, if anything
+
+
+@dataclass
+class MessageVersion:
+    text: str
+    blocks: list[JSON]
+    at: float
+
+
+@dataclass
+class Message:
+    channel: str
+    ts: str
+    text: str
+    blocks: list[JSON]
+    user: str = BOT_USER_ID
+    thread_ts: str | None = None
+    history: list[MessageVersion] = field(default_factory=list)
+    deleted: bool = False
+
+    def as_slack(self) -> JSON:
+        """The message object as Slack returns it in API answers and payloads."""
+        return {"type": "message", "user": self.user, "bot_id": BOT_ID, "team": TEAM_ID,
+                "ts": self.ts, "text": self.text, "blocks": self.blocks,
+                **({"thread_ts": self.thread_ts} if self.thread_ts else {})}
+
+
+@dataclass
+class Ephemeral:
+    channel: str
+    user: str
+    text: str
+    blocks: list[JSON]
+    message_ts: str
+
+
+@dataclass
+class OpenedView:
+    id: str
+    trigger_id: str | None
+    view: JSON  # the view as the app last sent it (views.open, then views.update)
+    history: list[JSON] = field(default_factory=list)
+
+
+@dataclass
+class ResponsePost:
+    url: str
+    body: JSON
+    at: float
+
+
+@dataclass
+class Fault:
+    kind: str  # "http", "rate_limit", "error" or "hang"
+    status: int = 500
+    retry_after: int = 1
+    error: str = ""
+    seconds: float | None = None
+
+    @property
+    def label(self) -> str:
+        return {"http": f"http_{self.status}", "rate_limit": "rate_limited",
+                "error": f"error:{self.error}", "hang": "hang"}[self.kind]
+
+    def response(self) -> web.Response:
+        if self.kind == "rate_limit":
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
+                                     headers={"Retry-After": str(self.retry_after)})
+        if self.kind == "error":
+            return web.json_response({"ok": False, "error": self.error})
+        html = f"<html><body><h1>{self.status}</h1>emulated failure</body></html>"
+        return web.Response(status=self.status, text=html, content_type="text/html")
+
+
+class ApiError(Exception):
+    """Raised by a method handler to answer `{"ok": false, "error": ...}`."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class SlackEmulator:
+    """The Slack Web API on loopback; see the module docstring."""
+
+    def __init__(self, bot_token: str | None = None, host: str = "127.0.0.1") -> None:
+        self.bot_token = bot_token
+        self.host = host
+        self.calls: list[ApiCall] = []
+        self.ephemerals: list[Ephemeral] = []
+        self.views: list[OpenedView] = []
+        self.responses: list[ResponsePost] = []
+        self.channel_names: dict[str, str] = {"C0GENERAL": "general"}
+        self._messages: dict[str, list[Message]] = {}
+        self._usergroups: dict[str, list[str]] = {}
+        self._users: dict[str, JSON] = {}
+        self._faults: dict[str, deque[Fault]] = {}
+        self._response_keys: set[str] = set()
+        self._last_ts = _FIRST_TS
+        self._changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._methods: dict[str, Callable[[JSON], JSON]] = {
+            "auth.test": self._auth_test, "chat.postMessage": self._post_message,
+            "chat.update": self._update, "chat.postEphemeral": self._post_ephemeral,
+            "chat.delete": self._delete, "views.open": self._views_open,
+            "views.update": self._views_update, "conversations.open": self._conversations_open,
+            "users.info": self._users_info, "usergroups.users.list": self._usergroup_members,
+        }
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._handle_api)
+        app.router.add_post("/response/{key}", self._handle_response)
+        self._stopping.clear()
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, 0).start()
+        self._port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        self._stopping.set()  # releases hung calls
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> SlackEmulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def base_url(self) -> str:
+        if self._port is None:
+            raise RuntimeError("SlackEmulator is not started")
+        return f"http://{self.host}:{self._port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/api/"
+
+    # -- configuration and inspection ---------------------------------------
+    def set_usergroup(self, usergroup_id: str, user_ids: list[str]) -> None:
+        self._usergroups[usergroup_id] = list(user_ids)
+
+    def set_user(self, user_id: str, **fields: Any) -> None:
+        """Override fields of the user users.info returns (e.g. real_name, deleted)."""
+        self._users.setdefault(user_id, {}).update(fields)
+
+    def user(self, user_id: str) -> JSON:
+        name = user_id.lower()
+        real_name = f"User {user_id}"
+        user: JSON = {"id": user_id, "team_id": TEAM_ID, "name": name, "deleted": False,
+                      "real_name": real_name, "is_bot": user_id == BOT_USER_ID, "tz": "UTC",
+                      "profile": {"display_name": name, "real_name": real_name}}
+        return {**user, **self._users.get(user_id, {})}
+
+    def dm_channel_for(self, user_id: str) -> str:
+        return "D" + user_id[1:]
+
+    def resolve_channel(self, channel: str) -> str:
+        """Slack accepts a user id wherever a channel goes, meaning the DM with them."""
+        return self.dm_channel_for(channel) if channel.startswith(("U", "W")) else channel
+
+    def channel_name(self, channel: str) -> str:
+        if channel.startswith("D"):
+            return "directmessage"
+        return self.channel_names.get(channel, channel.lower())
+
+    def messages(self, channel: str) -> list[Message]:
+        """Every message posted in channel (or DM with a user id), deleted ones included."""
+        return list(self._messages.get(self.resolve_channel(channel), []))
+
+    def message(self, channel: str, ts: str) -> Message | None:
+        return next((m for m in self.messages(channel) if m.ts == ts), None)
+
+    def calls_to(self, method: str) -> list[ApiCall]:
+        return [call for call in self.calls if call.method == method]
+
+    def find_view(self, callback_id: str) -> OpenedView | None:
+        """The most recently opened view with this callback_id."""
+        return next((v for v in reversed(self.views) if v.view.get("callback_id") == callback_id),
+                    None)
+
+    def new_response_url(self) -> str:
+        key = uuid.uuid4().hex
+        self._response_keys.add(key)
+        return f"{self.base_url}/response/{key}"
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Return once predicate() is true; raise TimeoutError after timeout seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                name = getattr(predicate, "__qualname__", repr(predicate))
+                recent = ", ".join(c.method + (f"[{c.fault}]" if c.fault else "")
+                                   for c in self.calls[-10:]) or "none"
+                raise TimeoutError(f"{name} still false after {timeout}s; "
+                                   f"last API calls: {recent}; response_url posts: "
+                                   f"{len(self.responses)}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(0.01, remaining))
+
+    # -- fault injection (per method, first in first out) -------------------
+    def fail(self, method: str, status: int = 500, times: int = 1) -> None:
+        self._add_fault(method, Fault("http", status=status), times)
+
+    def rate_limit(self, method: str, retry_after: int = 1, times: int = 1) -> None:
+        self._add_fault(method, Fault("rate_limit", status=429, retry_after=retry_after), times)
+
+    def error(self, method: str, error: str = "channel_not_found", times: int = 1) -> None:
+        self._add_fault(method, Fault("error", error=error), times)
+
+    def hang(self, method: str, seconds: float | None, times: int = 1) -> None:
+        """Delay the answer by seconds, or until stop() if seconds is None."""
+        self._add_fault(method, Fault("hang", seconds=seconds), times)
+
+    def _add_fault(self, method: str, fault: Fault, times: int) -> None:
+        self._faults.setdefault(method, deque()).extend([fault] * times)
+
+    def _next_fault(self, method: str) -> Fault | None:
+        queue = self._faults.get(method)
+        return queue.popleft() if queue else None
+
+    # -- HTTP handlers ------------------------------------------------------
+    async def _handle_api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params = await _read_params(request)
+        body_token = params.pop("token", None)  # legacy clients send it as a field
+        token = _bearer_token(request) or body_token
+        fault = self._next_fault(method)
+        self._record(ApiCall(method, params, token, time.time(), fault.label if fault else None))
+        if fault is not None and fault.kind != "hang":
+            return fault.response()
+        if fault is not None and not await self._hang(fault.seconds):
+            return web.json_response({"ok": False, "error": "emulator_stopped"}, status=503)
+        return web.json_response(self._dispatch(method, params, token))
+
+    async def _hang(self, seconds: float | None) -> bool:
+        """Wait seconds (forever if None); False if the emulator was stopped meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
+
+    def _dispatch(self, method: str, params: JSON, token: str | None) -> JSON:
+        handler = self._methods.get(method)
+        if handler is None:
+            return {"ok": False, "error": "unknown_method"}
+        if not self._token_ok(token):
+            return {"ok": False, "error": "invalid_auth"}
+        try:
+            answer = handler(params)
+        except ApiError as exc:
+            return {"ok": False, "error": exc.error}
+        self._changed.set()
+        return {"ok": True, **answer}
+
+    def _token_ok(self, token: str | None) -> bool:
+        if self.bot_token is None:
+            return token is not None and token.startswith("xoxb-")
+        return token == self.bot_token
+
+    async def _handle_response(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        if key not in self._response_keys:
+            return web.Response(status=404, text="no_active_hooks")
+        try:
+            body = json.loads(await request.text())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return web.Response(status=400, text="invalid_payload")
+        self.responses.append(ResponsePost(f"{self.base_url}/response/{key}", body, time.time()))
+        self._changed.set()
+        return web.Response(text="ok")
+
+    def _record(self, call: ApiCall) -> None:
+        self.calls.append(call)
+        self._changed.set()
+
+    # -- Web API methods ----------------------------------------------------
+    def _auth_test(self, params: JSON) -> JSON:
+        return {"url": f"https://{TEAM_DOMAIN}.slack.com/", "team": "Emulated",
+                "user": "breakglass", "team_id": TEAM_ID, "user_id": BOT_USER_ID,
+                "bot_id": BOT_ID, "is_enterprise_install": False}
+
+    def _post_message(self, params: JSON) -> JSON:
+        channel = self._channel(params)
+        text, blocks = _content(params)
+        msg = Message(channel, self._next_ts(), text, blocks, thread_ts=params.get("thread_ts"))
+        self._messages.setdefault(channel, []).append(msg)
+        return {"channel": channel, "ts": msg.ts, "message": msg.as_slack()}
+
+    def _update(self, params: JSON) -> JSON:
+        msg = self._find_message(params)
+        text, blocks = _content(params)
+        msg.history.append(MessageVersion(msg.text, msg.blocks, time.time()))
+        msg.text, msg.blocks = text, blocks
+        return {"channel": msg.channel, "ts": msg.ts, "text": text, "message": msg.as_slack()}
+
+    def _delete(self, params: JSON) -> JSON:
+        msg = self._find_message(params)
+        msg.deleted = True
+        return {"channel": msg.channel, "ts": msg.ts}
+
+    def _post_ephemeral(self, params: JSON) -> JSON:
+        channel = self._channel(params)
+        user = str(params.get("user") or "")
+        if not user:
+            raise ApiError("user_not_found")
+        text, blocks = _content(params)
+        self.ephemerals.append(Ephemeral(channel, user, text, blocks, self._next_ts()))
+        return {"message_ts": self.ephemerals[-1].message_ts}
+
+    def _views_open(self, params: JSON) -> JSON:
+        view = params.get("view")
+        if not params.get("trigger_id") or not isinstance(view, dict):
+            raise ApiError("invalid_arguments")
+        opened = OpenedView(f"V{uuid.uuid4().hex[:10].upper()}", str(params["trigger_id"]), view)
+        self.views.append(opened)
+        return {"view": _view_answer(opened)}
+
+    def _views_update(self, params: JSON) -> JSON:
+        view = params.get("view")
+        if not isinstance(view, dict):
+            raise ApiError("invalid_arguments")
+        view_id, external_id = params.get("view_id"), params.get("external_id")
+        opened = next((v for v in self.views if (view_id and v.id == view_id) or
+                       (external_id and v.view.get("external_id") == external_id)), None)
+        if opened is None:
+            raise ApiError("not_found")
+        opened.history.append(opened.view)
+        opened.view = view
+        return {"view": _view_answer(opened)}
+
+    def _conversations_open(self, params: JSON) -> JSON:
+        users = [u for u in str(params.get("users") or "").split(",") if u]
+        if len(users) != 1:
+            raise ApiError("users_list_not_supplied" if not users else "not_supported")
+        return {"no_op": False, "already_open": False,
+                "channel": {"id": self.dm_channel_for(users[0])}}
+
+    def _users_info(self, params: JSON) -> JSON:
+        user_id = str(params.get("user") or "")
+        if not user_id.startswith(("U", "W")):
+            raise ApiError("user_not_found")
+        return {"user": self.user(user_id)}
+
+    def _usergroup_members(self, params: JSON) -> JSON:
+        members = self._usergroups.get(str(params.get("usergroup") or ""))
+        if members is None:
+            raise ApiError("no_such_subteam")
+        return {"users": list(members)}
+
+    def _channel(self, params: JSON) -> str:
+        channel = str(params.get("channel") or "")
+        if not channel:
+            raise ApiError("channel_not_found")
+        return self.resolve_channel(channel)
+
+    def _find_message(self, params: JSON) -> Message:
+        msg = self.message(str(params.get("channel") or ""), str(params.get("ts") or ""))
+        if msg is None or msg.deleted:
+            raise ApiError("message_not_found")
+        return msg
+
+    def _next_ts(self) -> str:
+        self._last_ts += 100
+        seconds, micros = divmod(self._last_ts, 1_000_000)
+        return f"{seconds}.{micros:06d}"
+
+
+def _content(params: JSON) -> tuple[str, list[JSON]]:
+    text, blocks = str(params.get("text") or ""), params.get("blocks") or []
+    if not isinstance(blocks, list):
+        raise ApiError("invalid_blocks")
+    if not text and not blocks:
+        raise ApiError("no_text")
+    return text, blocks
+
+
+def _view_answer(opened: OpenedView) -> JSON:
+    view = opened.view
+    return {**view, "id": opened.id, "team_id": TEAM_ID, "app_id": APP_ID, "bot_id": BOT_ID,
+            "callback_id": view.get("callback_id", ""),
+            "private_metadata": view.get("private_metadata", ""),
+            "external_id": view.get("external_id", ""), "state": {"values": {}},
+            "hash": f"{int(time.time())}.{uuid.uuid4().hex[:8]}",
+            "root_view_id": opened.id, "previous_view_id": None}
+
+
+async def _read_params(request: web.Request) -> JSON:
+    """Query string plus body, JSON or form; JSON-in-form fields are decoded."""
+    params: JSON = dict(request.query)
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(await request.text() or "{}")
+        except ValueError:
+            body = None
+        params.update(body if isinstance(body, dict) else {})
+        return params
+    params.update({k: v for k, v in (await request.post()).items() if isinstance(v, str)})
+    for key in _JSON_FIELDS:
+        if isinstance(params.get(key), str):
+            with contextlib.suppress(ValueError):
+                params[key] = json.loads(params[key])
+    return params
+
+
+def _bearer_token(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+# ---------------------------------------------------------------------------
+# Slack -> app
+# ---------------------------------------------------------------------------
+@dataclass
+class SentRequest:
+    status: int
+    body: str
+    json: Any  # the parsed body, or None when it is not JSON
+    headers: Mapping[str, str]
+    response_url: str | None = None
+
+
+class SlackSender:
+    """Sends the app signed requests shaped as Slack's servers send them."""
+
+    def __init__(self, app_url: str, signing_secret: str, emulator: SlackEmulator,
+                 team_id: str = TEAM_ID, *, verification_token: str | None = None,
+                 timeout: float = 10.0) -> None:
+        self.app_url = app_url
+        self.emulator = emulator
+        self.team_id = team_id
+        # The deprecated verification token Slack still includes; random unless given.
+        self.verification_token = verification_token or secrets.token_urlsafe(18)
+        self._secret = signing_secret
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> SlackSender:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def sign(self, body: bytes, timestamp: str | int | None = None) -> dict[str, str]:
+        ts = str(int(time.time()) if timestamp is None else timestamp)
+        return {"X-Slack-Request-Timestamp": ts,
+                "X-Slack-Signature": compute_signature(self._secret, ts, body)}
+
+    async def raw(self, body: bytes, headers: Mapping[str, str]) -> SentRequest:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        async with self._session.post(self.app_url, data=body, headers=dict(headers)) as resp:
+            text = await resp.text()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        return SentRequest(resp.status, text, parsed, resp.headers)
+
+    async def command(self, user_id: str, text: str, command: str = "/breakglass",
+                      channel_id: str = "C0GENERAL") -> SentRequest:
+        response_url = self.emulator.new_response_url()
+        fields = {"token": self.verification_token, "team_id": self.team_id,
+                  "team_domain": TEAM_DOMAIN, "channel_id": channel_id,
+                  "channel_name": self.emulator.channel_name(channel_id), "user_id": user_id,
+                  "user_name": self.emulator.user(user_id)["name"], "command": command,
+                  "text": text, "api_app_id": APP_ID, "is_enterprise_install": "false",
+                  "response_url": response_url, "trigger_id": _trigger_id()}
+        return await self._post_form(fields, response_url)
+
+    async def click(self, user_id: str, action_id: str, value: str, *, channel_id: str,
+                    message_ts: str | None = None, block_id: str = "bg") -> SentRequest:
+        """Click a button on message_ts (default: the latest live message in the channel)."""
+        channel = self.emulator.resolve_channel(channel_id)
+        if message_ts is None:
+            live = [m for m in self.emulator.messages(channel) if not m.deleted]
+            message = live[-1] if live else None
+        else:
+            message = self.emulator.message(channel, message_ts)
+        ts = message.ts if message else message_ts
+        response_url = self.emulator.new_response_url()
+        payload: JSON = {
+            "type": "block_actions", "user": self._user(user_id), "api_app_id": APP_ID,
+            "token": self.verification_token,
+            "container": {"type": "message", "message_ts": ts, "channel_id": channel,
+                          "is_ephemeral": False},
+            "trigger_id": _trigger_id(), "team": self._team(), "enterprise": None,
+            "is_enterprise_install": False,
+            "channel": {"id": channel, "name": self.emulator.channel_name(channel)},
+            "state": {"values": {}}, "response_url": response_url,
+            "actions": [{"action_id": action_id, "block_id": block_id, "value": value,
+                         "type": "button", "action_ts": f"{time.time():.6f}"}],
+        }
+        if message is not None:
+            payload["message"] = message.as_slack()
+        return await self._post_form({"payload": json.dumps(payload)}, response_url)
+
+    async def submit_view(self, user_id: str, callback_id: str, values: JSON,
+                          private_metadata: str | None = None) -> SentRequest:
+        """Submit the modal with callback_id; values is view.state.values as Slack shapes it.
+
+        The latest view the app opened with that callback_id supplies the id, title,
+        blocks and (unless given) private_metadata.
+        """
+        opened = self.emulator.find_view(callback_id)
+        base = _view_answer(opened) if opened else {
+            "id": f"V{uuid.uuid4().hex[:10].upper()}", "team_id": self.team_id, "type": "modal",
+            "app_id": APP_ID, "bot_id": BOT_ID, "blocks": [], "private_metadata": ""}
+        view = {**base, "callback_id": callback_id, "state": {"values": values}}
+        if private_metadata is not None:
+            view["private_metadata"] = private_metadata
+        payload: JSON = {
+            "type": "view_submission", "team": self._team(), "user": self._user(user_id),
+            "api_app_id": APP_ID, "token": self.verification_token, "trigger_id": _trigger_id(),
+            "view": view, "response_urls": [], "enterprise": None, "is_enterprise_install": False,
+        }
+        return await self._post_form({"payload": json.dumps(payload)}, None)
+
+    async def _post_form(self, fields: dict[str, str], response_url: str | None) -> SentRequest:
+        body = urlencode(fields).encode("ascii")
+        headers = {**self.sign(body), "User-Agent": SLACK_USER_AGENT,
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        sent = await self.raw(body, headers)
+        sent.response_url = response_url
+        return sent
+
+    def _user(self, user_id: str) -> JSON:
+        name = self.emulator.user(user_id)["name"]
+        return {"id": user_id, "username": name, "name": name, "team_id": self.team_id}
+
+    def _team(self) -> JSON:
+        return {"id": self.team_id, "domain": TEAM_DOMAIN}
+
+
+def _trigger_id() -> str:
+    """A fresh trigger id shaped like Slack's, e.g. "1337.42.5f0c…"."""
+    return f"{secrets.randbelow(10**11)}.{secrets.randbelow(10**12)}.{secrets.token_hex(16)}"

@@ -1,0 +1,158 @@
+"""Everything the bot runs, wired together: used by `serve`, `demo` and the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+from slack_sdk.web.async_client import AsyncWebClient
+
+from . import audit
+from .config import Settings
+from .core.clock import Clock, SystemClock
+from .core.policy import Policy
+from .directory import Directory
+from .http import build_web_app
+from .introspection import Introspector
+from .keys import KeyRing
+from .outbox import Dispatcher
+from .service import Service
+from .slack.app import build_app
+from .slack.handlers import Handlers
+from .store.db import Database
+from .store.replay import ReplayGuard
+from .triggers import Prober
+
+log = logging.getLogger(__name__)
+
+
+def slack_client(settings: Settings) -> AsyncWebClient:
+    # No built-in retries: the outbox owns retrying. A logger pinned at INFO keeps
+    # slack_sdk's DEBUG request dumps (which would include token text) out of every log.
+    sdk_log = logging.getLogger("bot.slack.sdk")
+    sdk_log.setLevel(logging.INFO)
+    return AsyncWebClient(token=settings.bot_token, base_url=settings.api_url, timeout=10,
+                          retry_handlers=[], logger=sdk_log)
+
+
+class Runtime:
+    def __init__(self, settings: Settings, policy: Policy, *, clock: Clock | None = None,
+                 sweep_interval: float = 1.0, policy_text: str = "") -> None:
+        self.settings = settings
+        self.policy = policy
+        self.clock = clock or SystemClock()
+        self.sweep_interval = sweep_interval
+        self.policy_hash = hashlib.sha256(policy_text.encode()).hexdigest()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._socket: Any = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.db = Database(s.database_url)
+        await self.db.create_schema()
+        now = self.clock.now()
+        self.keyring = await KeyRing.open(self.db, s.master_key, self.policy.tokens.algorithm, now)
+        self.audit_key = audit.mac_key(s.master_key)
+        self.client = slack_client(s)
+        self.prober = Prober()
+        self.directory = Directory(self.policy, self.client)
+        self.dispatcher: Dispatcher
+        self.service = Service(self.db, self.policy, self.keyring, self.directory, self.prober,
+                               self.clock, self.audit_key, wake_outbox=lambda: self.dispatcher.wake())
+        self.dispatcher = Dispatcher(self.db, self.client, self.clock, self.service.materialise_dm)
+        self.introspector = Introspector(self.service, self.keyring, self.policy, self.clock)
+        self.replay_guard = ReplayGuard(self.db, self.clock)
+        self.handlers = Handlers(self.service, self.client, self.spawn)
+        self.bolt = build_app(self.handlers, self.client, s.signing_secret)
+        self.web = build_web_app(self)
+        async with self.db.transaction() as conn:
+            await audit.append(conn, self.audit_key, at=now, actor="breakglass", event="started",
+                               details={"policy_sha256": self.policy_hash,
+                                        "scopes": sorted(self.policy.scopes),
+                                        "kid": self.keyring.current.kid})
+        await self.service.reconcile_policy()
+        self._loops = [asyncio.create_task(self.dispatcher.run(self._stop)),
+                       asyncio.create_task(self._sweep_loop())]
+
+    async def serve_http(self, host: str | None = None, port: int | None = None) -> int:
+        self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host or self.settings.host,
+                           self.settings.port if port is None else port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        return int(self.port or 0)
+
+    async def start_socket_mode(self) -> None:
+        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+        self._socket = AsyncSocketModeHandler(self.bolt, self.settings.app_token)
+        await self._socket.connect_async()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("background task failed: %s: %s", type(exc).__name__, exc)
+
+    async def idle(self) -> None:
+        """Wait until every background task started so far has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _sweep_loop(self) -> None:
+        rounds = 0
+        while not self._stop.is_set():
+            try:
+                await self.service.sweep()
+                await self.introspector.summarise_uses()
+                rounds += 1
+                if rounds % 60 == 0:
+                    await self.replay_guard.prune()
+            except Exception:  # noqa: BLE001 - keep sweeping
+                log.exception("sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.sweep_interval)
+
+    async def jwks(self) -> dict[str, Any]:
+        return await self.keyring.jwks(self.db, self.clock.now())
+
+    async def stop(self, drain_seconds: float = 10.0) -> None:
+        """Stop taking requests, finish what is in flight, flush the outbox, close."""
+        if self._socket is not None:
+            with contextlib.suppress(Exception):
+                await self._socket.close_async()
+        if self._runner is not None:
+            await self._runner.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_seconds
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=max(0.1, deadline - loop.time()))
+        self._stop.set()
+        for t in self._loops:
+            with contextlib.suppress(Exception):
+                await t
+        left = await self.dispatcher.drain(max(0.1, deadline - loop.time()))
+        if left:
+            log.warning("%d Slack event(s) left in the outbox; they go out on next start", left)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.prober.close()
+        await self.db.dispose()

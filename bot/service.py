@@ -1,0 +1,553 @@
+"""Use cases. Each one reads state, decides with the core, and writes the new
+state, its audit row and its outbox rows in one transaction. Nothing here
+calls Slack: the outbox does, after commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import audit, metrics, outbox
+from .core import quorum, tokens
+from .core.clock import Clock
+from .core.domain import Request, State, TriggerResult
+from .core.errors import Refusal
+from .core.policy import Policy, Scope
+from .directory import Directory
+from .keys import KeyRing
+from .outbox import Rendered
+from .slack import blocks
+from .store import requests as store
+from .store.db import Database
+from .store.schema import requests as requests_table
+from .triggers import Prober
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "breakglass"
+_ID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+def new_request_id() -> str:
+    return "R" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(7))
+
+
+def card_key(request_id: str) -> str:
+    return f"card:{request_id}"
+
+
+def dm_key(request_id: str) -> str:
+    return f"dm:{request_id}"
+
+
+def dm_lane(user: str) -> str:
+    return f"dm:{user}"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A request that passed every check that needs no probe."""
+
+    scope_name: str
+    scope: Scope
+    requester: str
+    reason: str
+    incident: str | None
+    requested_ttl: timedelta
+    ttl: timedelta
+    clamped: bool
+
+
+class Service:
+    def __init__(
+        self,
+        db: Database,
+        policy: Policy,
+        keyring: KeyRing,
+        directory: Directory,
+        prober: Prober,
+        clock: Clock,
+        audit_key: bytes,
+        wake_outbox: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.db = db
+        self.policy = policy
+        self.keyring = keyring
+        self.directory = directory
+        self.prober = prober
+        self.clock = clock
+        self.audit_key = audit_key
+        self.wake_outbox = wake_outbox
+        self._rate_alerts: dict[str, datetime] = {}
+
+    # -- helpers -----------------------------------------------------------
+
+    @property
+    def reviewer_channel(self) -> str:
+        return self.policy.slack.reviewer_channel
+
+    @property
+    def incident_channel(self) -> str:
+        return self.policy.slack.incident_channel
+
+    def approver_label(self, scope: Scope) -> str:
+        return ", ".join(scope.approvers)
+
+    async def approvers(self, scope: Scope) -> frozenset[str]:
+        return await self.directory.members(scope.approvers)
+
+    async def _audit(self, conn: AsyncConnection, actor: str, event: str,
+                     details: dict[str, Any], request_id: str | None = None) -> None:
+        await audit.append(conn, self.audit_key, at=self.clock.now(), actor=actor, event=event,
+                           details=details, request_id=request_id)
+
+    async def _refuse(self, actor: str, refusal: Refusal, details: dict[str, Any],
+                      request_id: str | None = None) -> Refusal:
+        """Record a security-relevant refusal in the audit log; changes nothing else."""
+        metrics.REFUSALS.labels(code=refusal.code).inc()
+        async with self.db.transaction() as conn:
+            await self._audit(conn, actor, "refused", {"code": refusal.code, **details},
+                              request_id)
+        return refusal
+
+    async def _card(self, conn: AsyncConnection, req: Request, scope: Scope | None) -> None:
+        permissions = scope.permissions if scope else req.extra.get("grant", {}).get("permissions", [])
+        quorum_n = scope.quorum if scope else len(req.approvals)
+        label = self.approver_label(scope) if scope else "approvers"
+        tally = quorum.tally(req.approvals, quorum_n)
+        await outbox.update_message(
+            conn, self.clock.now(), card_key(req.id), self.reviewer_channel,
+            blocks.card_text(req), blocks.card(req, permissions, tally, label))
+
+    async def _incident(self, conn: AsyncConnection, text: str) -> None:
+        await outbox.post(conn, self.clock.now(), self.incident_channel, text)
+
+    # -- request -------------------------------------------------------------
+
+    async def prepare(self, user: str, scope_name: str, requested: timedelta | None,
+                      reason: str, incident: str | None) -> Draft:
+        scope = self.policy.scope_named(scope_name)
+        if scope is None:
+            names = ", ".join(f"`{n}`" for n in sorted(self.policy.scopes)) or "none"
+            raise Refusal("unknown_scope", f"There is no scope `{scope_name}`. Scopes: {names}. "
+                          "`/breakglass scopes` lists the ones you may request.")
+        if not reason.strip():
+            raise Refusal("missing_reason", "A reason is required: "
+                          f"`/breakglass {scope_name} 30m INC-4521 what is broken`")
+        if user not in await self.directory.members(scope.requesters):
+            raise await self._refuse(user, Refusal(
+                "not_a_requester",
+                f"You are not in a group allowed to request `{scope_name}` "
+                f"({', '.join(scope.requesters)}). Ask one of its members, or an admin."),
+                {"scope": scope_name})
+        quorum.check_reachable(await self.approvers(scope), user, scope.quorum, scope_name)
+        await self._check_rate(user, scope_name)
+        ttl, clamped = self.policy.effective_ttl(scope, requested)
+        return Draft(scope_name, scope, user, reason, incident,
+                     requested or self.policy.tokens.default_ttl, ttl, clamped)
+
+    async def _check_rate(self, user: str, scope_name: str) -> None:
+        limits = self.policy.requests
+        now = self.clock.now()
+        async with self.db.read() as conn:
+            recent = await store.count_since(conn, user, now - limits.rate_window)
+        if recent < limits.rate_limit:
+            return
+        refusal = Refusal("rate_limited", f"You made {recent} requests in the last "
+                          f"{_fmt(limits.rate_window)}; the limit is {limits.rate_limit}. "
+                          "Ask a colleague on call, or wait.")
+        metrics.REFUSALS.labels(code=refusal.code).inc()
+        last = self._rate_alerts.get(user)
+        async with self.db.transaction() as conn:
+            await self._audit(conn, user, "refused", {"code": refusal.code, "scope": scope_name,
+                                                      "recent": recent})
+            if last is None or now - last > limits.rate_window:
+                self._rate_alerts[user] = now
+                await self._incident(conn, blocks.incident_refused(
+                    user, scope_name, None,
+                    f"rate limit reached ({recent} requests in {_fmt(limits.rate_window)})"))
+        self.wake_outbox()
+        raise refusal
+
+    async def submit(self, draft: Draft) -> Request:
+        """Probe the triggers; refuse loudly when one does not hold, else open the request."""
+        results = await self.prober.probe_all(draft.scope.triggers, self.policy.triggers)
+        now = self.clock.now()
+        failing = [r for r in results if not r.holds]
+        if failing:
+            why = "; ".join(f"trigger `{r.name}` does not hold ({r.description}: {r.detail})"
+                            for r in failing)
+            async with self.db.transaction() as conn:
+                await self._audit(conn, draft.requester, "refused", {
+                    "code": "trigger_not_holding", "scope": draft.scope_name,
+                    "incident": draft.incident, "triggers": [r.as_dict() for r in results]})
+                await self._incident(conn, blocks.incident_refused(
+                    draft.requester, draft.scope_name, draft.incident, why))
+            self.wake_outbox()
+            metrics.REQUESTS.labels(outcome="refused").inc()
+            raise Refusal("trigger_not_holding",
+                          f"Refused: {why}. Break-glass access to `{draft.scope_name}` is only "
+                          "for when these conditions hold; use the normal access path.")
+        req = Request(
+            id=new_request_id(), scope=draft.scope_name, requester=draft.requester,
+            reason=draft.reason, incident=draft.incident, requested_ttl=draft.requested_ttl,
+            ttl=draft.ttl, state=State.PENDING, created_at=now,
+            expires_at=now + self.policy.requests.expire_after, triggers=results,
+        )
+        tally = quorum.tally((), draft.scope.quorum)
+        async with self.db.transaction() as conn:
+            await store.insert_request(conn, req)
+            await self._audit(conn, req.requester, "requested", {
+                "scope": req.scope, "ttl_s": int(req.ttl.total_seconds()),
+                "requested_ttl_s": int(req.requested_ttl.total_seconds()),
+                "reason": req.reason, "incident": req.incident,
+                "triggers": [r.as_dict() for r in results]}, req.id)
+            await outbox.post(conn, now, self.reviewer_channel, blocks.card_text(req),
+                              blocks.card(req, draft.scope.permissions, tally,
+                                          self.approver_label(draft.scope)), key=card_key(req.id))
+            await self._incident(conn, blocks.incident_requested(req, tally))
+        self.wake_outbox()
+        metrics.REQUESTS.labels(outcome="opened").inc()
+        return req
+
+    # -- decide ----------------------------------------------------------------
+
+    async def decide(self, request_id: str, user: str, approve: bool) -> Request:
+        """Count one Approve or Deny click. Quorum issues the token, once."""
+        async with self.db.read() as conn:
+            current = await store.load(conn, request_id)
+        if current is None:
+            raise Refusal("unknown_request", f"There is no request {request_id}.")
+        scope = self.policy.scope_named(current.scope)
+        if scope is None:
+            raise Refusal("scope_removed", f"The scope of {request_id} is no longer in the policy.")
+        approvers = await self.approvers(scope)  # may ask Slack: outside the transaction
+        decision = "approve" if approve else "deny"
+        now = self.clock.now()
+        refusal: Refusal | None = None
+        async with self.db.transaction() as conn:
+            req = await store.load(conn, request_id, lock=True)
+            assert req is not None
+            try:
+                quorum.judge_click(req, user, approvers, self.approver_label(scope))
+                if user in (req.denied_by,):
+                    raise Refusal("already_decided", "You already decided on this request.")
+            except Refusal as exc:
+                refusal = exc
+            if refusal is None:
+                req = await self._apply_decision(conn, req, scope, user, decision, now)
+        if refusal is not None:
+            raise await self._refuse(user, refusal, {"action": decision}, request_id)
+        self.wake_outbox()
+        assert req is not None
+        return req
+
+    async def _apply_decision(self, conn: AsyncConnection, req: Request, scope: Scope,
+                              user: str, decision: str, now: datetime) -> Request:
+        await store.add_decision(conn, req.id, user, decision, now)
+        await self._audit(conn, user, "approved" if decision == "approve" else "denied",
+                          {"scope": req.scope}, req.id)
+        if decision == "deny":
+            if not await store.transition(conn, req.id, [State.PENDING], State.DENIED,
+                                          closed_at=now, closed_by=user):
+                raise Refusal("request_closed", f"Request {req.id} is already closed.")
+            req = await _reload(conn, req.id)
+            await self._card(conn, req, scope)
+            await self._incident(conn, blocks.incident_denied(req))
+            await outbox.post(conn, now, req.requester,
+                              f"Your break-glass request {req.id} for {req.scope} was denied "
+                              f"by <@{user}>.", lane=dm_lane(req.requester))
+            metrics.REQUESTS.labels(outcome="denied").inc()
+            return req
+        req = await _reload(conn, req.id)
+        tally = quorum.tally(req.approvals, scope.quorum)
+        if not tally.reached:
+            await self._card(conn, req, scope)
+            return req
+        kid = self.keyring.current.kid
+        grant = {"audience": scope.audience, "permissions": list(scope.permissions)}
+        issued = await store.transition(
+            conn, req.id, [State.PENDING], State.ISSUED, jti=tokens.new_jti(), kid=kid,
+            issued_at=now, token_expires_at=now + req.ttl, grant=json.dumps(grant))
+        if not issued:  # pragma: no cover - the lock above makes this unreachable
+            raise Refusal("request_closed", f"Request {req.id} is already closed.")
+        req = await _reload(conn, req.id)
+        await self._audit(conn, "breakglass", "issued", {
+            "scope": req.scope, "approvers": list(req.approvals), "kid": kid, "jti": req.jti,
+            "expires_at": req.token_expires_at.isoformat() if req.token_expires_at else None,
+        }, req.id)
+        await self._card(conn, req, scope)
+        if self.policy.tokens.delivery == "reveal":
+            await outbox.post(conn, now, req.requester, f"Your break-glass access to {req.scope} "
+                              f"({req.id}) was approved. Reveal the token once.",
+                              blocks.dm_reveal(req), key=dm_key(req.id), lane=dm_lane(req.requester))
+        else:
+            await outbox.enqueue(conn, now, lane=dm_lane(req.requester), kind="token_dm",
+                                 payload={"request_id": req.id, "user": req.requester,
+                                          "key": dm_key(req.id)})
+        await self._incident(conn, blocks.incident_issued(req))
+        metrics.TOKENS_ISSUED.labels(scope=req.scope).inc()
+        metrics.REQUESTS.labels(outcome="issued").inc()
+        return req
+
+    # -- token delivery --------------------------------------------------------
+
+    def _mint(self, req: Request) -> str:
+        """The token text, signed now with the current key (the row's kid is updated)."""
+        grant = req.extra.get("grant") or {}
+        assert req.issued_at is not None and req.jti is not None
+        key = self.keyring.current
+        claims = tokens.build_claims(
+            issuer=self.policy.tokens.issuer, subject=req.requester,
+            audience=grant["audience"], permissions=grant["permissions"], client_id=CLIENT_ID,
+            request_id=req.id, incident=req.incident, approvers=req.approvals,
+            issued_at=req.issued_at, lifetime=req.ttl, jti=req.jti)
+        return tokens.mint(claims, key)
+
+    async def reveal(self, request_id: str, user: str) -> tuple[Request, str]:
+        """The requester's one reveal: mint the token text, keep only its hash."""
+        now = self.clock.now()
+        refusal: Refusal | None = None
+        token = ""
+        async with self.db.transaction() as conn:
+            req = await store.load(conn, request_id, lock=True)
+            if req is None:
+                raise Refusal("unknown_request", f"There is no request {request_id}.")
+            if user != req.requester:
+                refusal = Refusal("not_requester", "Only the requester can reveal this token.")
+            elif req.state is State.REVEALED:
+                refusal = Refusal("already_revealed", f"The token of {req.id} was already "
+                                  "revealed and cannot be shown again. If it is lost, revoke it "
+                                  "and make a new request.")
+            elif req.state is not State.ISSUED or (req.token_expires_at and req.token_expires_at <= now):
+                refusal = Refusal("token_closed", f"The token of {req.id} is {req.state.value}; "
+                                  "make a new request if you still need access.")
+            else:
+                token = self._mint(req)
+                await store.transition(conn, req.id, [State.ISSUED], State.REVEALED,
+                                       token_hash=tokens.token_hash(token), revealed_at=now,
+                                       kid=self.keyring.current.kid)
+                req = await _reload(conn, req.id)
+                await self._audit(conn, user, "revealed", {"scope": req.scope}, req.id)
+                await outbox.update_message(conn, now, dm_key(req.id), dm_lane(req.requester),
+                                            f"Token for {req.scope} ({req.id}) revealed.",
+                                            blocks.dm_revealed(req))
+        if refusal is not None:
+            raise await self._refuse(user, refusal, {"action": "reveal"}, request_id)
+        self.wake_outbox()
+        return req, token
+
+    async def unreveal(self, request_id: str, token: str) -> None:
+        """The reveal modal could not be opened: the token never left; allow another try."""
+        async with self.db.transaction() as conn:
+            req = await store.load(conn, request_id, lock=True)
+            if req is None or req.state is not State.REVEALED:
+                return
+            ok = await conn.execute(
+                requests_table.update().where(and_(
+                    requests_table.c.id == request_id,
+                    requests_table.c.token_hash == tokens.token_hash(token)))
+                .values(state=State.ISSUED.value, token_hash=None, revealed_at=None))
+            if ok.rowcount:
+                await self._audit(conn, req.requester, "reveal_failed", {"scope": req.scope}, req.id)
+                await outbox.update_message(conn, self.clock.now(), dm_key(req.id),
+                                            dm_lane(req.requester), "Reveal your token.",
+                                            blocks.dm_reveal(req))
+        self.wake_outbox()
+
+    async def materialise_dm(self, payload: dict[str, Any]) -> Rendered | None:
+        """`delivery = "message"`: mint the token as the DM is sent; store its hash first."""
+        now = self.clock.now()
+        async with self.db.transaction() as conn:
+            req = await store.load(conn, payload["request_id"], lock=True)
+            if req is None or req.state not in (State.ISSUED, State.REVEALED):
+                return None
+            if req.token_expires_at and req.token_expires_at <= now:
+                return None
+            token = self._mint(req)
+            # A retry after a crash mints again; the new hash replaces the old, so at most
+            # one token text of a request is ever valid.
+            await conn.execute(requests_table.update().where(requests_table.c.id == req.id)
+                               .values(state=State.REVEALED.value, token_hash=tokens.token_hash(token),
+                                       revealed_at=now, kid=self.keyring.current.kid))
+            await self._audit(conn, "breakglass", "delivered", {"scope": req.scope}, req.id)
+        text, dm_blocks = blocks.dm_token_message(req, token)
+        return Rendered(text, dm_blocks)
+
+    # -- revoke and expiry -------------------------------------------------------
+
+    async def revoke(self, request_id: str, actor: str, *, via: str = "slack") -> Request:
+        """Revoke a token, or cancel a pending request. Slack users: requester or approvers."""
+        async with self.db.read() as conn:
+            req = await store.load(conn, request_id)
+        if req is None:
+            raise Refusal("unknown_request", f"There is no request or token `{request_id}`. "
+                          "`/breakglass status` lists yours.")
+        scope = self.policy.scope_named(req.scope)
+        if via == "slack" and actor != req.requester:
+            allowed = await self.approvers(scope) if scope else frozenset()
+            if actor not in allowed:
+                raise await self._refuse(actor, Refusal(
+                    "not_allowed_to_revoke", f"Only the requester of {req.id} or an approver "
+                    f"of `{req.scope}` can revoke it."), {"action": "revoke"}, req.id)
+        now = self.clock.now()
+        async with self.db.transaction() as conn:
+            if await store.transition(conn, req.id, [State.PENDING], State.CANCELLED,
+                                      closed_at=now, closed_by=actor):
+                req = await _reload(conn, req.id)
+                await self._audit(conn, actor, "cancelled", {"scope": req.scope, "via": via}, req.id)
+                await self._card(conn, req, scope)
+                await self._incident(conn, blocks.incident_cancelled(req))
+            elif await store.transition(conn, req.id, [State.ISSUED, State.REVEALED],
+                                        State.REVOKED, closed_at=now, closed_by=actor):
+                req = await _reload(conn, req.id)
+                await self._audit(conn, actor, "revoked", {"scope": req.scope, "via": via}, req.id)
+                await self._close_token(conn, req, scope)
+                await self._incident(conn, blocks.incident_revoked(req))
+            else:
+                raise Refusal("already_closed", f"{req.id} is already {req.state.value}.")
+        self.wake_outbox()
+        return req
+
+    async def _close_token(self, conn: AsyncConnection, req: Request, scope: Scope | None) -> None:
+        """Card to its final state, and the DM edited so no token text stays in Slack."""
+        await self._card(conn, req, scope)
+        text, dm_blocks = blocks.dm_closed(req)
+        await outbox.update_message(conn, self.clock.now(), dm_key(req.id),
+                                    dm_lane(req.requester), text, dm_blocks)
+
+    async def sweep(self) -> int:
+        """Expire what is due and send reminders. Safe to run from any number of processes."""
+        now = self.clock.now()
+        async with self.db.read() as conn:
+            due = await store.load_many(conn, store.due(now))
+        done = 0
+        for req in due:
+            scope = self.policy.scope_named(req.scope)
+            async with self.db.transaction() as conn:
+                src = [State.PENDING] if req.is_pending else [State.ISSUED, State.REVEALED]
+                if not await store.transition(conn, req.id, src, State.EXPIRED, closed_at=now):
+                    continue  # someone else got there first
+                cur = await _reload(conn, req.id)
+                await self._audit(conn, "breakglass", "expired",
+                                  {"scope": cur.scope, "had_token": cur.issued_at is not None},
+                                  cur.id)
+                if cur.issued_at is not None:
+                    await self._close_token(conn, cur, scope)
+                else:
+                    await self._card(conn, cur, scope)
+                    await outbox.post(conn, now, cur.requester,
+                                      f"Your break-glass request {cur.id} for {cur.scope} expired "
+                                      "without enough approvals.", lane=dm_lane(cur.requester))
+                await self._incident(conn, blocks.incident_expired(cur))
+            done += 1
+        done += await self._escalate(now)
+        if done:
+            self.wake_outbox()
+        return done
+
+    async def _escalate(self, now: datetime) -> int:
+        after = self.policy.requests.escalate_after
+        if after is None:
+            return 0
+        async with self.db.read() as conn:
+            waiting = await store.load_many(conn, store.needs_escalation(now - after))
+        sent = 0
+        for req in waiting:
+            scope = self.policy.scope_named(req.scope)
+            if scope is None:
+                continue
+            async with self.db.transaction() as conn:
+                if not await store.mark_escalated(conn, req.id, now):
+                    continue
+                tally = quorum.tally(req.approvals, scope.quorum)
+                groups = self.policy.usergroups(scope.approvers)
+                mention = " ".join(f"<!subteam^{g}>" for g in groups)
+                text = blocks.reminder(req, tally, mention or self.approver_label(scope))
+                await self._audit(conn, "breakglass", "escalated", {"scope": req.scope}, req.id)
+                await outbox.post(conn, now, self.reviewer_channel, text)
+            sent += 1
+        return sent
+
+    async def reconcile_policy(self) -> int:
+        """At start: a live token whose grant the current policy no longer covers is revoked."""
+        async with self.db.read() as conn:
+            live = await store.load_many(conn, store.live_tokens(), limit=100_000)
+        revoked = 0
+        for req in live:
+            why = self._outlived(req)
+            if why is None:
+                continue
+            now = self.clock.now()
+            async with self.db.transaction() as conn:
+                if not await store.transition(conn, req.id, [State.ISSUED, State.REVEALED],
+                                              State.REVOKED, closed_at=now, closed_by="policy"):
+                    continue
+                cur = await _reload(conn, req.id)
+                await self._audit(conn, "policy", "revoked", {"scope": cur.scope, "why": why},
+                                  cur.id)
+                await self._close_token(conn, cur, self.policy.scope_named(cur.scope))
+                await self._incident(conn, blocks.incident_revoked(cur) + f" ({why})")
+            revoked += 1
+        if revoked:
+            self.wake_outbox()
+        return revoked
+
+    def _outlived(self, req: Request) -> str | None:
+        scope = self.policy.scope_named(req.scope)
+        if scope is None:
+            return f"scope {req.scope} was removed from the policy"
+        grant = req.extra.get("grant") or {}
+        if grant.get("audience") != scope.audience:
+            return f"the audience of {req.scope} changed"
+        if not set(grant.get("permissions", [])) <= set(scope.permissions):
+            return f"the permissions of {req.scope} were narrowed"
+        ceiling, _ = self.policy.effective_ttl(scope, req.ttl)
+        if ceiling < req.ttl:
+            return f"the maximum lifetime of {req.scope} was lowered"
+        return None
+
+    # -- queries -----------------------------------------------------------------
+
+    async def status(self, user: str) -> list[Request]:
+        async with self.db.read() as conn:
+            return await store.load_many(conn, store.open_for(user))
+
+    async def scopes_for(self, user: str) -> list[tuple[str, Scope, Sequence[TriggerResult]]]:
+        out = []
+        for name, scope in sorted(self.policy.scopes.items()):
+            if user in await self.directory.members(scope.requesters):
+                out.append((name, scope, await self.prober.probe_all(scope.triggers,
+                                                                       self.policy.triggers)))
+        return out
+
+    async def request(self, request_id: str) -> Request | None:
+        async with self.db.read() as conn:
+            return await store.load(conn, request_id)
+
+    async def count_requests(self) -> int:
+        from sqlalchemy import func
+
+        async with self.db.read() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(requests_table)) or 0)
+
+
+async def _reload(conn: AsyncConnection, request_id: str) -> Request:
+    req = await store.load(conn, request_id)
+    assert req is not None
+    return req
+
+
+def _fmt(td: timedelta) -> str:
+    from .core.durations import format_duration
+
+    return format_duration(td)

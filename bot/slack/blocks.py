@@ -1,0 +1,259 @@
+"""Block Kit builders: what each person sees. Pure functions of domain objects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from ..core.domain import Request, State, TriggerResult
+from ..core.durations import format_duration
+from ..core.quorum import Tally
+
+Blocks = list[dict[str, Any]]
+
+APPROVE, DENY, REVEAL, REVOKE = "bg_approve", "bg_deny", "bg_reveal", "bg_revoke"
+REQUEST_MODAL = "bg_request_modal"
+
+
+def when(at: datetime) -> str:
+    """A time Slack shows in each reader's time zone, with a UTC fallback."""
+    fallback = at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"<!date^{int(at.timestamp())}^{{date_short_pretty}} {{time_secs}}|{fallback}>"
+
+
+def who(users: Sequence[str]) -> str:
+    return ", ".join(f"<@{u}>" for u in users) or "nobody"
+
+
+def _section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+
+
+def _context(text: str) -> dict[str, Any]:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}
+
+
+def _button(text: str, action_id: str, value: str, style: str | None = None) -> dict[str, Any]:
+    b: dict[str, Any] = {"type": "button", "text": {"type": "plain_text", "text": text},
+                         "action_id": action_id, "value": value}
+    if style:
+        b["style"] = style
+    return b
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def trigger_lines(results: Sequence[TriggerResult]) -> str:
+    if not results:
+        return "_no trigger conditions_"
+    return "\n".join(
+        f"{'✅' if r.holds else '❌'} *{r.name}*: {_escape(r.description)} ({r.detail})"
+        for r in results
+    )
+
+
+def card(req: Request, permissions: Sequence[str], tally: Tally, approver_label: str) -> Blocks:
+    """The approval card in the reviewer channel."""
+    incident = f" · *{req.incident}*" if req.incident else ""
+    blocks: Blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": f"Break-glass request {req.id}"}},
+        _section(
+            f"*Requester:* <@{req.requester}>\n*Scope:* `{req.scope}`{incident}\n"
+            f"*Permissions:* {', '.join(f'`{p}`' for p in permissions)}\n"
+            f"*Duration:* {format_duration(req.ttl)}\n*Reason:* {_escape(req.reason)}"
+        ),
+        _section(f"*Trigger conditions*\n{trigger_lines(req.triggers)}"),
+        _context(card_status(req, tally, approver_label)),
+    ]
+    if req.state is State.PENDING:
+        blocks.append({
+            "type": "actions", "block_id": f"decide:{req.id}",
+            "elements": [_button("Approve", APPROVE, req.id, "primary"),
+                         _button("Deny", DENY, req.id, "danger")],
+        })
+    return blocks
+
+
+def card_status(req: Request, tally: Tally, approver_label: str) -> str:
+    s = req.state
+    if s is State.PENDING:
+        got = f"approved by {who(tally.approvals)}; " if tally.approvals else ""
+        return (f":hourglass: {got}needs {tally.missing} more approval(s) from {approver_label} "
+                f"by {when(req.expires_at)}")
+    if s in (State.ISSUED, State.REVEALED):
+        assert req.token_expires_at is not None
+        return (f":white_check_mark: Approved by {who(req.approvals)}. Token issued to "
+                f"<@{req.requester}>, valid until {when(req.token_expires_at)}")
+    if s is State.DENIED:
+        return f":no_entry: Denied by <@{req.denied_by or req.closed_by}>"
+    if s is State.CANCELLED:
+        return f":leftwards_arrow_with_hook: Cancelled by <@{req.closed_by}>"
+    if s is State.REVOKED:
+        return (f":octagonal_sign: Approved by {who(req.approvals)}; token revoked by "
+                f"<@{req.closed_by}> at {when(req.closed_at or req.created_at)}")
+    if req.issued_at is not None:
+        return f":hourglass_flowing_sand: Approved by {who(req.approvals)}; token expired"
+    return ":hourglass_flowing_sand: Expired without enough approvals"
+
+
+def card_text(req: Request) -> str:
+    return f"Break-glass request {req.id}: <@{req.requester}> asks for {req.scope} ({req.state})"
+
+
+def dm_reveal(req: Request) -> Blocks:
+    assert req.token_expires_at is not None
+    return [
+        _section(
+            f":key: Your break-glass access to `{req.scope}` ({req.id}) was approved by "
+            f"{who(req.approvals)}. It is valid until {when(req.token_expires_at)}.\n"
+            "The token can be shown *once*: reveal it when you are ready to use it."
+        ),
+        {"type": "actions", "block_id": f"token:{req.id}",
+         "elements": [_button("Reveal token", REVEAL, req.id, "primary"),
+                      _button("Revoke", REVOKE, req.id, "danger")]},
+    ]
+
+
+def dm_revealed(req: Request) -> Blocks:
+    assert req.token_expires_at is not None
+    return [
+        _section(f":key: Token for `{req.scope}` ({req.id}) was revealed; it is valid until "
+                 f"{when(req.token_expires_at)}. It cannot be shown again."),
+        {"type": "actions", "block_id": f"token:{req.id}",
+         "elements": [_button("Revoke", REVOKE, req.id, "danger")]},
+    ]
+
+
+def dm_token_message(req: Request, token: str) -> tuple[str, Blocks]:
+    """`delivery = "message"`: the token in the DM itself, edited away when it dies."""
+    assert req.token_expires_at is not None
+    text = (f"Break-glass token for {req.scope} ({req.id}), valid until "
+            f"{req.token_expires_at:%H:%M:%S UTC}:\n{token}")
+    blocks: Blocks = [
+        _section(f":key: Break-glass token for `{req.scope}` ({req.id}), approved by "
+                 f"{who(req.approvals)}, valid until {when(req.token_expires_at)}:"),
+        _section(f"```{token}```"),
+        _context("This message is edited to remove the token when it expires or is revoked."),
+        {"type": "actions", "block_id": f"token:{req.id}",
+         "elements": [_button("Revoke", REVOKE, req.id, "danger")]},
+    ]
+    return text, blocks
+
+
+def dm_closed(req: Request) -> tuple[str, Blocks]:
+    what = "revoked" if req.state is State.REVOKED else "expired"
+    by = f" by <@{req.closed_by}>" if req.state is State.REVOKED and req.closed_by else ""
+    text = f"Your break-glass token for {req.scope} ({req.id}) {what}{by}. The token was removed."
+    return text, [_section(f":lock: {text}")]
+
+
+def token_modal(req: Request, token: str) -> dict[str, Any]:
+    assert req.token_expires_at is not None
+    return {
+        "type": "modal",
+        "title": {"type": "plain_text", "text": "Break-glass token"},
+        "close": {"type": "plain_text", "text": "Done"},
+        "blocks": [
+            _section(f"Token for `{req.scope}` ({req.id}), valid until "
+                     f"{when(req.token_expires_at)}:"),
+            _section(f"```{token}```"),
+            _context("Copy it now. Closing this window removes it and it cannot be shown again."),
+        ],
+    }
+
+
+def request_modal(scopes: Sequence[tuple[str, str]], default_duration: str) -> dict[str, Any]:
+    options = [{"text": {"type": "plain_text", "text": name[:75]},
+                "description": {"type": "plain_text", "text": desc[:75] or name[:75]},
+                "value": name} for name, desc in scopes]
+    return {
+        "type": "modal",
+        "callback_id": REQUEST_MODAL,
+        "title": {"type": "plain_text", "text": "Break-glass access"},
+        "submit": {"type": "plain_text", "text": "Request"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            {"type": "input", "block_id": "scope", "label": {"type": "plain_text", "text": "Scope"},
+             "element": {"type": "static_select", "action_id": "value", "options": options}},
+            {"type": "input", "block_id": "duration",
+             "label": {"type": "plain_text", "text": "Duration (e.g. 30m, 1h)"},
+             "element": {"type": "plain_text_input", "action_id": "value",
+                         "initial_value": default_duration}},
+            {"type": "input", "block_id": "reason",
+             "label": {"type": "plain_text", "text": "Reason (start with the incident, e.g. INC-4521)"},
+             "element": {"type": "plain_text_input", "action_id": "value", "multiline": True}},
+        ],
+    }
+
+
+# Incident channel lines. Each says who, what scope, which request, when it ends.
+
+def incident_requested(req: Request, tally: Tally) -> str:
+    return (f":large_yellow_circle: *requested* {_ref(req)}: <@{req.requester}> asks for "
+            f"`{req.scope}` for {format_duration(req.ttl)}; needs {tally.quorum} approval(s) "
+            f"by {when(req.expires_at)}. Reason: {_escape(req.reason)}")
+
+
+def incident_refused(requester: str, scope: str, incident: str | None, why: str) -> str:
+    inc = f" ({incident})" if incident else ""
+    return f":no_entry_sign: *refused*{inc}: <@{requester}> asked for `{scope}`: {why}"
+
+
+def incident_issued(req: Request) -> str:
+    assert req.token_expires_at is not None
+    return (f":key: *issued* {_ref(req)}: token for `{req.scope}` to <@{req.requester}>, "
+            f"approved by {who(req.approvals)}; ends {when(req.token_expires_at)}")
+
+
+def incident_denied(req: Request) -> str:
+    return f":no_entry: *denied* {_ref(req)}: `{req.scope}` for <@{req.requester}> by <@{req.denied_by}>"
+
+
+def incident_cancelled(req: Request) -> str:
+    return f":leftwards_arrow_with_hook: *cancelled* {_ref(req)}: `{req.scope}` by <@{req.closed_by}>"
+
+
+def incident_revoked(req: Request) -> str:
+    return (f":octagonal_sign: *revoked* {_ref(req)}: token for `{req.scope}` of "
+            f"<@{req.requester}> by {_actor(req.closed_by)}; it ended {when(req.closed_at or req.created_at)}")
+
+
+def incident_expired(req: Request) -> str:
+    if req.issued_at is None:
+        return (f":hourglass_flowing_sand: *expired* {_ref(req)}: `{req.scope}` for "
+                f"<@{req.requester}> got {len(req.approvals)} approval(s), not enough, "
+                f"by {when(req.expires_at)}")
+    assert req.token_expires_at is not None
+    return (f":hourglass_flowing_sand: *expired* {_ref(req)}: token for `{req.scope}` of "
+            f"<@{req.requester}> ended {when(req.token_expires_at)}")
+
+
+def incident_used(req: Request, client_id: str, count: int, first: bool) -> str:
+    assert req.token_expires_at is not None
+    if first:
+        return (f":eyes: *used* {_ref(req)}: token for `{req.scope}` of <@{req.requester}> "
+                f"first used by `{client_id}`; ends {when(req.token_expires_at)}")
+    return (f":eyes: *used* {_ref(req)}: token for `{req.scope}` of <@{req.requester}> used "
+            f"{count} more time(s), last by `{client_id}`; ends {when(req.token_expires_at)}")
+
+
+def reminder(req: Request, tally: Tally, approver_label: str) -> str:
+    return (f":rotating_light: {req.id} from <@{req.requester}> for `{req.scope}` still needs "
+            f"{tally.missing} approval(s) from {approver_label}; it closes {when(req.expires_at)}")
+
+
+def _ref(req: Request) -> str:
+    return f"{req.id} ({req.incident})" if req.incident else req.id
+
+
+def _actor(actor: str | None) -> str:
+    if actor is None:
+        return "someone"
+    if actor.startswith("client:"):
+        return f"relying service `{actor.removeprefix('client:')}`"
+    if actor.startswith("policy"):
+        return "a policy change"
+    return f"<@{actor}>"

@@ -1,0 +1,248 @@
+"""Slack listeners: parse, acknowledge at once, then call one use case.
+
+Bolt runs with `process_before_response=True`, so each listener must return
+quickly: it acks, and anything that may wait (trigger probes, Slack calls,
+the database under load) runs in a background task that replies through
+`respond` (the response_url) or a DM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_bolt.context.respond.async_respond import AsyncRespond
+from slack_sdk.web.async_client import AsyncWebClient
+
+from ..core import commands
+from ..core.commands import CommandError
+from ..core.durations import DurationError, format_duration, parse_duration
+from ..core.errors import Refusal
+from ..service import Service
+from . import blocks
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+PREPARE_TIMEOUT = 2.0  # inside Slack's 3 s for a modal submission
+
+
+class Handlers:
+    def __init__(self, service: Service, client: AsyncWebClient, spawn: Spawn) -> None:
+        self.service = service
+        self.client = client
+        self.spawn = spawn
+
+    @property
+    def pattern(self) -> str:
+        return self.service.policy.requests.incident_pattern
+
+    # -- /breakglass ---------------------------------------------------------
+
+    async def on_command(self, ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
+        user = str(body.get("user_id", ""))
+        try:
+            cmd = commands.parse_command(str(body.get("text", "")), self.pattern)
+        except CommandError as exc:
+            await ack(response_type="ephemeral", text=str(exc))
+            return
+        if isinstance(cmd, commands.Help):
+            await ack(response_type="ephemeral", text=commands.USAGE)
+        elif isinstance(cmd, commands.OpenModal):
+            await ack()
+            self.spawn(self._open_modal(user, str(body.get("trigger_id", ""))))
+        elif isinstance(cmd, commands.ListScopes):
+            await ack(response_type="ephemeral", text="Checking the scopes you may request…")
+            self.spawn(self._reply(respond, self._scopes_text(user)))
+        elif isinstance(cmd, commands.Status):
+            await ack(response_type="ephemeral", text="Looking up your requests…")
+            self.spawn(self._reply(respond, self._status_text(user)))
+        elif isinstance(cmd, commands.Revoke):
+            await ack(response_type="ephemeral", text=f"Revoking {cmd.target}…")
+            self.spawn(self._reply(respond, self._revoke_text(cmd.target, user)))
+        else:
+            await ack(response_type="ephemeral",
+                      text=f"Checking `{cmd.scope}` and its trigger conditions…")
+            self.spawn(self._reply(respond, self._request_text(
+                user, cmd.scope, cmd.duration, cmd.reason, cmd.incident)))
+
+    async def _reply(self, respond: AsyncRespond, text: Awaitable[str]) -> None:
+        try:
+            message = await text
+        except Refusal as exc:
+            message = f":no_entry_sign: {exc.message}"
+        await respond(text=message, response_type="ephemeral", replace_original=True)
+
+    async def _request_text(self, user: str, scope: str, duration: Any, reason: str,
+                            incident: str | None) -> str:
+        draft = await self.service.prepare(user, scope, duration, reason, incident)
+        req = await self.service.submit(draft)
+        return self._opened_text(req, draft)
+
+    def _opened_text(self, req: Any, draft: Any) -> str:
+        note = ""
+        if draft.clamped:
+            note = (f"\nNote: you asked for {format_duration(draft.requested_ttl)}; the ceiling "
+                    f"for `{req.scope}` is {format_duration(draft.ttl)}, so that is what you get.")
+        return (f":hourglass: Request *{req.id}* for `{req.scope}` ({format_duration(req.ttl)}) is "
+                f"waiting for {draft.scope.quorum} approval(s) from "
+                f"{self.service.approver_label(draft.scope)} in "
+                f"<#{self.service.reviewer_channel}>. It closes {blocks.when(req.expires_at)}. "
+                f"You will get the token by DM.{note}")
+
+    async def _scopes_text(self, user: str) -> str:
+        found = await self.service.scopes_for(user)
+        if not found:
+            return "You may not request any scope. Ask an admin to add you to a requester group."
+        lines = ["*Scopes you may request*"]
+        for name, scope, results in found:
+            ready = all(r.holds for r in results)
+            state = "ready" if ready else "refused right now"
+            lines.append(f"• `{name}`: {scope.description} ({state}; {scope.quorum} approval(s), "
+                         f"up to {format_duration(self.service.policy.effective_ttl(scope, None)[0] if scope.max_ttl is None else scope.max_ttl)})")
+            lines.extend(f"    {line}" for line in blocks.trigger_lines(results).splitlines())
+        return "\n".join(lines)
+
+    async def _status_text(self, user: str) -> str:
+        found = await self.service.status(user)
+        if not found:
+            return "You have no pending requests and no active tokens."
+        lines = ["*Your requests and tokens*"]
+        for req in found:
+            if req.is_pending:
+                lines.append(f"• *{req.id}* `{req.scope}`: pending, {len(req.approvals)} "
+                             f"approval(s) so far, closes {blocks.when(req.expires_at)}")
+            else:
+                assert req.token_expires_at is not None
+                lines.append(f"• *{req.id}* `{req.scope}`: token {req.state.value}, valid until "
+                             f"{blocks.when(req.token_expires_at)}")
+        return "\n".join(lines)
+
+    async def _revoke_text(self, target: str, user: str) -> str:
+        req = await self.service.revoke(target.upper(), user)
+        done = "cancelled" if req.issued_at is None else "revoked"
+        return f":octagonal_sign: {req.id} (`{req.scope}`) {done}."
+
+    # -- the form -------------------------------------------------------------
+
+    async def _open_modal(self, user: str, trigger_id: str) -> None:
+        allowed = [(n, s.description) for n, s, _ in await self._requestable(user)]
+        if not allowed:
+            await self.client.chat_postMessage(
+                channel=user, text="You may not request any scope. Ask an admin to add you "
+                "to a requester group.")
+            return
+        view = blocks.request_modal(allowed, format_duration(self.service.policy.tokens.default_ttl))
+        await self.client.views_open(trigger_id=trigger_id, view=view)
+
+    async def _requestable(self, user: str) -> list[Any]:
+        out = []
+        for name, scope in sorted(self.service.policy.scopes.items()):
+            if user in await self.service.directory.members(scope.requesters):
+                out.append((name, scope, ()))
+        return out
+
+    async def on_modal(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        user = str(body.get("user", {}).get("id", ""))
+        values = body.get("view", {}).get("state", {}).get("values", {})
+
+        def field(block: str) -> str:
+            v = values.get(block, {}).get("value", {})
+            return str((v.get("selected_option") or {}).get("value") or v.get("value") or "").strip()
+
+        scope, duration_text, reason = field("scope"), field("duration"), field("reason")
+        errors: dict[str, str] = {}
+        duration = None
+        try:
+            duration = parse_duration(duration_text)
+        except DurationError as exc:
+            errors["duration"] = str(exc)
+        if not scope:
+            errors["scope"] = "Pick a scope."
+        if not reason:
+            errors["reason"] = "A reason is required; start it with the incident, e.g. INC-4521."
+        reason = commands.normalize_reason(reason)
+        if len(reason) > commands.MAX_REASON_LENGTH:
+            errors["reason"] = f"Keep the reason under {commands.MAX_REASON_LENGTH} characters."
+        if errors:
+            await ack(response_action="errors", errors=errors)
+            return
+        incident = commands.extract_incident(reason, self.pattern)
+        try:
+            draft = await asyncio.wait_for(
+                self.service.prepare(user, scope, duration, reason, incident), PREPARE_TIMEOUT)
+        except Refusal as exc:
+            await ack(response_action="errors", errors={"scope": exc.message[:150]})
+            return
+        except TimeoutError:
+            await ack(response_action="errors", errors={"scope": "Busy right now; try again."})
+            return
+        await ack()
+        self.spawn(self._submit_from_modal(draft))
+
+    async def _submit_from_modal(self, draft: Any) -> None:
+        try:
+            req = await self.service.submit(draft)
+            text = self._opened_text(req, draft)
+        except Refusal as exc:
+            text = f":no_entry_sign: {exc.message}"
+        await self.client.chat_postMessage(channel=draft.requester, text=text)
+
+    # -- buttons --------------------------------------------------------------
+
+    async def on_button(self, ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
+        await ack()
+        action = (body.get("actions") or [{}])[0]
+        request_id = str(action.get("value", ""))
+        user = str(body.get("user", {}).get("id", ""))
+        action_id = action.get("action_id")
+        if action_id == blocks.APPROVE:
+            self.spawn(self._click(respond, self.service.decide(request_id, user, True)))
+        elif action_id == blocks.DENY:
+            self.spawn(self._click(respond, self.service.decide(request_id, user, False)))
+        elif action_id == blocks.REVOKE:
+            self.spawn(self._reply_ephemeral(respond, self._revoke_text(request_id, user)))
+        elif action_id == blocks.REVEAL:
+            self.spawn(self._reveal(respond, request_id, user, str(body.get("trigger_id", ""))))
+
+    async def on_unknown_action(self, ack: AsyncAck, respond: AsyncRespond) -> None:
+        await ack()
+        self.spawn(respond(text="That button is not one breakglass knows; it may be from an old "
+                           "version of a message. Nothing was changed.",
+                           response_type="ephemeral", replace_original=False))
+
+    async def _click(self, respond: AsyncRespond, decided: Awaitable[Any]) -> None:
+        try:
+            await decided
+        except Refusal as exc:
+            await respond(text=f":no_entry_sign: {exc.message}", response_type="ephemeral",
+                          replace_original=False)
+
+    async def _reply_ephemeral(self, respond: AsyncRespond, text: Awaitable[str]) -> None:
+        try:
+            message = await text
+        except Refusal as exc:
+            message = f":no_entry_sign: {exc.message}"
+        await respond(text=message, response_type="ephemeral", replace_original=False)
+
+    async def _reveal(self, respond: AsyncRespond, request_id: str, user: str,
+                      trigger_id: str) -> None:
+        try:
+            req, token = await self.service.reveal(request_id, user)
+        except Refusal as exc:
+            await respond(text=f":no_entry_sign: {exc.message}", response_type="ephemeral",
+                          replace_original=False)
+            return
+        try:
+            await self.client.views_open(trigger_id=trigger_id, view=blocks.token_modal(req, token))
+        except Exception as exc:  # noqa: BLE001 - any failure: the token never left
+            log.warning("could not open the token modal for %s: %s", request_id, type(exc).__name__)
+            await self.service.unreveal(request_id, token)
+            await respond(text="Slack could not open the token window. Nothing was shown; "
+                          "click *Reveal token* again.", response_type="ephemeral",
+                          replace_original=False)
+        finally:
+            del token

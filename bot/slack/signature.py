@@ -1,0 +1,42 @@
+"""Slack request signatures (v0 HMAC-SHA256) and the checks Slack asks apps to make.
+
+https://api.slack.com/authentication/verifying-requests-from-slack
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+MAX_AGE_SECONDS = 60 * 5
+
+
+class SignatureError(Exception):
+    """The request was not signed by Slack with our secret, or is too old."""
+
+
+def compute_signature(secret: str, timestamp: str, body: bytes) -> str:
+    base = b"v0:" + timestamp.encode("ascii") + b":" + body
+    digest = hmac.new(secret.encode("utf-8"), base, hashlib.sha256).hexdigest()
+    return f"v0={digest}"
+
+
+def verify_signature(
+    secret: str, timestamp: str | None, signature: str | None, body: bytes, now: float
+) -> None:
+    """Raise SignatureError unless the headers prove Slack sent this body recently.
+
+    Every malformed input (missing header, a timestamp that is not a number,
+    non-ASCII bytes in the signature) is a SignatureError, never another exception.
+    """
+    if not timestamp or not signature:
+        raise SignatureError("missing X-Slack-Request-Timestamp or X-Slack-Signature")
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        raise SignatureError("X-Slack-Request-Timestamp is not a number")
+    if abs(now - int(timestamp)) > MAX_AGE_SECONDS:
+        raise SignatureError("request timestamp is outside the 5-minute window")
+    if not signature.isascii():
+        raise SignatureError("X-Slack-Signature is not ASCII")
+    expected = compute_signature(secret, timestamp, body)
+    if not hmac.compare_digest(expected.encode("ascii"), signature.encode("ascii")):
+        raise SignatureError("signature mismatch")

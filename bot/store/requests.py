@@ -1,0 +1,179 @@
+"""Requests and decisions: rows in, domain objects out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..core.domain import Request, State, TriggerResult
+from .schema import decisions, requests
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _to_request(row: Any, decided: list[tuple[str, str]]) -> Request:
+    approvals = tuple(sorted(u for u, d in decided if d == "approve"))
+    denied = next((u for u, d in decided if d == "deny"), None)
+    return Request(
+        id=row.id,
+        scope=row.scope,
+        requester=row.requester,
+        reason=row.reason,
+        incident=row.incident,
+        requested_ttl=timedelta(seconds=row.requested_ttl_s),
+        ttl=timedelta(seconds=row.ttl_s),
+        state=State(row.state),
+        created_at=_aware(row.created_at),  # type: ignore[arg-type]
+        expires_at=_aware(row.expires_at),  # type: ignore[arg-type]
+        triggers=tuple(TriggerResult.from_dict(t) for t in json.loads(row.triggers or "[]")),
+        approvals=approvals,
+        denied_by=denied,
+        closed_at=_aware(row.closed_at),
+        closed_by=row.closed_by,
+        jti=row.jti,
+        kid=row.kid,
+        issued_at=_aware(row.issued_at),
+        token_expires_at=_aware(row.token_expires_at),
+        revealed_at=_aware(row.revealed_at),
+        extra={"grant": json.loads(row.grant)} if row.grant else {},
+    )
+
+
+async def load(conn: AsyncConnection, request_id: str, *, lock: bool = False) -> Request | None:
+    stmt = select(requests).where(requests.c.id == request_id)
+    if lock:
+        stmt = stmt.with_for_update()  # PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        return None
+    decided = (
+        await conn.execute(
+            select(decisions.c.user_id, decisions.c.decision)
+            .where(decisions.c.request_id == request_id)
+            .order_by(decisions.c.at)
+        )
+    ).all()
+    return _to_request(row, [(u, d) for u, d in decided])
+
+
+async def load_many(conn: AsyncConnection, where: Any, limit: int = 200) -> list[Request]:
+    rows = (
+        await conn.execute(select(requests).where(where).order_by(requests.c.created_at).limit(limit))
+    ).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    decided: dict[str, list[tuple[str, str]]] = {i: [] for i in ids}
+    for rid, user, decision in (
+        await conn.execute(
+            select(decisions.c.request_id, decisions.c.user_id, decisions.c.decision)
+            .where(decisions.c.request_id.in_(ids))
+        )
+    ).all():
+        decided[rid].append((user, decision))
+    return [_to_request(r, decided[r.id]) for r in rows]
+
+
+async def insert_request(conn: AsyncConnection, req: Request) -> None:
+    await conn.execute(
+        insert(requests).values(
+            id=req.id,
+            scope=req.scope,
+            requester=req.requester,
+            reason=req.reason,
+            incident=req.incident,
+            requested_ttl_s=int(req.requested_ttl.total_seconds()),
+            ttl_s=int(req.ttl.total_seconds()),
+            state=req.state.value,
+            triggers=json.dumps([t.as_dict() for t in req.triggers]),
+            created_at=req.created_at,
+            expires_at=req.expires_at,
+            version=0,
+        )
+    )
+
+
+async def transition(
+    conn: AsyncConnection, request_id: str, src: Iterable[State], dst: State, **values: Any
+) -> bool:
+    """Move a request from one of `src` to `dst`; False when it was not in `src` any more.
+
+    The WHERE on state is the lock: of two concurrent transitions, one
+    matches a row and the other matches none.
+    """
+    result = await conn.execute(
+        update(requests)
+        .where(and_(requests.c.id == request_id, requests.c.state.in_([s.value for s in src])))
+        .values(state=dst.value, version=requests.c.version + 1, **values)
+    )
+    return bool(result.rowcount == 1)
+
+
+async def add_decision(
+    conn: AsyncConnection, request_id: str, user: str, decision: str, at: datetime
+) -> None:
+    await conn.execute(
+        insert(decisions).values(request_id=request_id, user_id=user, decision=decision, at=at)
+    )
+
+
+async def count_since(conn: AsyncConnection, requester: str, since: datetime) -> int:
+    n = await conn.scalar(
+        select(func.count()).where(
+            and_(requests.c.requester == requester, requests.c.created_at >= since)
+        )
+    )
+    return int(n or 0)
+
+
+def open_for(user: str) -> Any:
+    return and_(
+        requests.c.requester == user,
+        requests.c.state.in_([State.PENDING.value, State.ISSUED.value, State.REVEALED.value]),
+    )
+
+
+def due(now: datetime) -> Any:
+    return or_(
+        and_(requests.c.state == State.PENDING.value, requests.c.expires_at <= now),
+        and_(
+            requests.c.state.in_([State.ISSUED.value, State.REVEALED.value]),
+            requests.c.token_expires_at <= now,
+        ),
+    )
+
+
+def live_tokens() -> Any:
+    return requests.c.state.in_([State.ISSUED.value, State.REVEALED.value])
+
+
+def needs_escalation(before: datetime) -> Any:
+    return and_(
+        requests.c.state == State.PENDING.value,
+        requests.c.escalated_at.is_(None),
+        requests.c.created_at <= before,
+    )
+
+
+async def mark_escalated(conn: AsyncConnection, request_id: str, at: datetime) -> bool:
+    result = await conn.execute(
+        update(requests)
+        .where(and_(requests.c.id == request_id, requests.c.escalated_at.is_(None),
+                    requests.c.state == State.PENDING.value))
+        .values(escalated_at=at)
+    )
+    return bool(result.rowcount == 1)
+
+
+async def find_by_hash(conn: AsyncConnection, token_hash: str) -> Request | None:
+    row = (await conn.execute(select(requests.c.id).where(requests.c.token_hash == token_hash))).first()
+    return await load(conn, row[0]) if row else None

@@ -1,0 +1,140 @@
+"""Tables. SQLAlchemy Core, not the ORM: every hot path is one or two statements."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# A break-glass request and, once approved, the token it was granted.
+# The token itself is never stored: only its SHA-256 (token_hash).
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("scope", String(128), nullable=False),
+    Column("requester", String(32), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("incident", String(64)),
+    Column("requested_ttl_s", Integer, nullable=False),
+    Column("ttl_s", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("triggers", Text, nullable=False, default="[]"),  # JSON list of probe results
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),  # request deadline
+    Column("escalated_at", DateTime(timezone=True)),
+    Column("closed_at", DateTime(timezone=True)),
+    Column("closed_by", String(32)),
+    # token, set at quorum
+    Column("jti", String(64), unique=True),
+    Column("kid", String(64)),
+    Column("issued_at", DateTime(timezone=True)),
+    Column("token_expires_at", DateTime(timezone=True)),
+    Column("token_hash", String(64), unique=True),
+    Column("revealed_at", DateTime(timezone=True)),
+    Column("grant", Text),  # JSON: audience and permissions fixed at quorum
+    Column("version", Integer, nullable=False, default=0),
+)
+Index("ix_requests_state_expires", requests.c.state, requests.c.expires_at)
+Index("ix_requests_state_token_expires", requests.c.state, requests.c.token_expires_at)
+Index("ix_requests_requester_created", requests.c.requester, requests.c.created_at)
+
+# One row per person and request: the unique constraint is what makes
+# "each approver counts once" hold under concurrent clicks.
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("request_id", String(16), ForeignKey("requests.id"), nullable=False),
+    Column("user_id", String(32), nullable=False),
+    Column("decision", String(8), nullable=False),  # approve | deny
+    Column("at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("request_id", "user_id", name="uq_decisions_request_user"),
+)
+
+# Transactional outbox: every Slack side effect, written with the state change.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("lane", String(64), nullable=False),  # delivery order is kept per lane (channel)
+    Column("kind", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", String(8), nullable=False, default="pending"),  # pending|sent|dead
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("last_error", Text),
+)
+Index("ix_outbox_status_next", outbox.c.status, outbox.c.next_attempt_at)
+
+# Slack messages the bot posted and may edit later, by a stable key such as
+# "card:R7K2QX9" or "dm:R7K2QX9". Holding ts here is what stops a retry from re-posting.
+slack_messages = Table(
+    "slack_messages",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("channel", String(32), nullable=False),
+    Column("ts", String(32), nullable=False),
+)
+
+# Signing keys; the private half is AES-GCM encrypted under the master key.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(8), nullable=False),
+    Column("public_pem", Text, nullable=False),
+    Column("private_enc", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("retired_at", DateTime(timezone=True)),
+)
+
+# Append-only, hash-chained audit log. Triggers (see audit.py) refuse
+# UPDATE, DELETE and any insert but the next sequence number.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("request_id", String(16)),
+    Column("details", Text, nullable=False),
+    Column("mac", String(64), nullable=False),
+)
+
+# Signatures of Slack requests already acted on (replay guard across processes).
+seen_signatures = Table(
+    "seen_signatures",
+    metadata,
+    Column("signature", String(80), primary_key=True),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+)
+
+# Token uses reported by introspection, summarised to the incident channel.
+token_uses = Table(
+    "token_uses",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("request_id", String(16), nullable=False),
+    Column("count", Integer, nullable=False, default=0),
+    Column("reported", Integer, nullable=False, default=0),
+    Column("first_at", DateTime(timezone=True), nullable=False),
+    Column("last_at", DateTime(timezone=True), nullable=False),
+    Column("last_client", String(128), nullable=False),
+    Column("reported_at", DateTime(timezone=True), nullable=False),
+)
