@@ -432,28 +432,34 @@ class Service:
             due = await store.load_many(conn, store.due(now))
         done = 0
         for req in due:
-            scope = self.policy.scope_named(req.scope)
-            async with self.db.transaction() as conn:
-                src = [State.PENDING] if req.is_pending else [State.ISSUED, State.REVEALED]
-                if not await store.transition(conn, req.id, src, State.EXPIRED, closed_at=now):
-                    continue  # someone else got there first
-                cur = await _reload(conn, req.id)
-                await self._audit(conn, "breakglass", "expired",
-                                  {"scope": cur.scope, "had_token": cur.issued_at is not None},
-                                  cur.id)
-                if cur.issued_at is not None:
-                    await self._close_token(conn, cur, scope)
-                else:
-                    await self._card(conn, cur, scope)
-                    await outbox.post(conn, now, cur.requester,
-                                      f"Your break-glass request {cur.id} for {cur.scope} expired "
-                                      "without enough approvals.", lane=dm_lane(cur.requester))
-                await self._incident(conn, blocks.incident_expired(cur))
-            done += 1
+            try:
+                done += await self._expire(req, now)
+            except Exception:  # noqa: BLE001 - one bad row must not stop every other expiry
+                log.exception("could not expire %s", req.id)
         done += await self._escalate(now)
         if done:
             self.wake_outbox()
         return done
+
+    async def _expire(self, req: Request, now: datetime) -> int:
+        scope = self.policy.scope_named(req.scope)
+        async with self.db.transaction() as conn:
+            src = [State.PENDING] if req.is_pending else [State.ISSUED, State.REVEALED]
+            if not await store.transition(conn, req.id, src, State.EXPIRED, closed_at=now):
+                return 0  # someone else got there first
+            cur = await _reload(conn, req.id)
+            await self._audit(conn, "breakglass", "expired",
+                              {"scope": cur.scope, "was_issued": cur.issued_at is not None},
+                              cur.id)
+            if cur.issued_at is not None:
+                await self._close_token(conn, cur, scope)
+            else:
+                await self._card(conn, cur, scope)
+                await outbox.post(conn, now, cur.requester,
+                                  f"Your break-glass request {cur.id} for {cur.scope} expired "
+                                  "without enough approvals.", lane=dm_lane(cur.requester))
+            await self._incident(conn, blocks.incident_expired(cur))
+        return 1
 
     async def _escalate(self, now: datetime) -> int:
         after = self.policy.requests.escalate_after
