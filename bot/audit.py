@@ -68,6 +68,8 @@ token (``xoxb-...``, ``xapp-...``).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import hmac
 import json
 import re
@@ -204,9 +206,51 @@ def canonical_details(details: Mapping[str, Any]) -> str:
     )
 
 
-def _field(s: str) -> bytes:
-    b = s.encode("utf-8", "surrogatepass")
-    return b"%d:%b," % (len(b), b)
+def _message(prev: str, seq: int, at: str, actor: str, event: str, request_id: str, details: str) -> bytes:
+    """The MAC input (see the module docstring); ``at`` and ``details`` are canonical text."""
+    s = str(seq)
+    if (
+        prev.isascii()  # str.isascii is O(1) in CPython, and then len() counts bytes
+        and at.isascii()
+        and actor.isascii()
+        and event.isascii()
+        and request_id.isascii()
+        and details.isascii()
+    ):
+        return (
+            f"{prev}{len(s)}:{s},{len(at)}:{at},{len(actor)}:{actor},{len(event)}:{event},"
+            f"{len(request_id)}:{request_id},{len(details)}:{details},"
+        ).encode()
+    parts = [prev.encode("utf-8", "surrogatepass")]
+    for f in (s, at, actor, event, request_id, details):
+        b = f.encode("utf-8", "surrogatepass")
+        parts.append(b"%d:%b," % (len(b), b))
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _pads(key: bytes) -> tuple[Any, Any]:
+    """SHA-256 states after absorbing key^ipad and key^opad (RFC 2104).
+
+    hmac.digest() builds a fresh OpenSSL HMAC context per call, which costs
+    more than the hashing of a short row; copying two prepared states is
+    about 2.5x faster and gives the same HMAC-SHA256.
+    """
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    return inner, outer
+
+
+def _hmac_hex(key: bytes, msg: bytes) -> str:
+    inner, outer = _pads(key)
+    h = inner.copy()
+    h.update(msg)
+    o = outer.copy()
+    o.update(h.digest())
+    return str(o.hexdigest())
 
 
 def compute_mac(
@@ -220,18 +264,7 @@ def compute_mac(
     details: str,
 ) -> str:
     """The row MAC (see the module docstring); ``at`` and ``details`` are canonical text."""
-    msg = b"".join(
-        (
-            prev_mac.encode("utf-8", "surrogatepass"),
-            _field(str(seq)),
-            _field(at),
-            _field(actor),
-            _field(event),
-            _field(request_id or ""),
-            _field(details),
-        )
-    )
-    return hmac.digest(key, msg, "sha256").hex()
+    return _hmac_hex(key, _message(prev_mac, seq, at, actor, event, request_id or "", details))
 
 
 # --------------------------------------------------------------------------- secrets
@@ -317,9 +350,7 @@ def _prepare(ev: AuditEvent) -> tuple[datetime, str, str, str, str | None, str]:
 async def head(conn: AsyncConnection) -> tuple[int, str]:
     """(last seq, its MAC); ``(0, GENESIS_MAC)`` for an empty log."""
     row = (
-        await conn.execute(
-            select(audit_log.c.seq, audit_log.c.mac).order_by(audit_log.c.seq.desc()).limit(1)
-        )
+        await conn.execute(select(audit_log.c.seq, audit_log.c.mac).order_by(audit_log.c.seq.desc()).limit(1))
     ).first()
     if row is None:
         return 0, GENESIS_MAC
@@ -341,21 +372,9 @@ async def append_many(conn: AsyncConnection, key: bytes, events: Sequence[AuditE
     seq, prev = await head(conn)
     first = seq + 1
     rows: list[dict[str, Any]] = []
-    digest = hmac.digest
     for at, at_iso, actor, event, request_id, details in prepared:
         seq += 1
-        msg = b"".join(
-            (
-                prev.encode(),
-                _field(str(seq)),
-                _field(at_iso),
-                _field(actor),
-                _field(event),
-                _field(request_id or ""),
-                _field(details),
-            )
-        )
-        prev = digest(key, msg, "sha256").hex()
+        prev = _hmac_hex(key, _message(prev, seq, at_iso, actor, event, request_id or "", details))
         rows.append(
             {
                 "seq": seq,
@@ -456,28 +475,39 @@ class VerifyResult:
 
 
 def _scan(key: bytes, rows: Sequence[_Row], expected: int, prev: str) -> tuple[int, str, int]:
-    """Check rows while they chain; return (next expected seq, last good MAC, bad index or -1)."""
-    digest = hmac.digest
-    for i, (seq, at, actor, event, request_id, details, mac) in enumerate(rows):
+    """Check rows while they chain; return (next expected seq, last good MAC, bad index or -1).
+
+    The hot loop of verify: _message and _hmac_hex inlined.
+    """
+    inner, outer = _pads(key)
+    icopy, ocopy, same = inner.copy, outer.copy, hmac.compare_digest
+    i = -1
+    for seq, at, actor, event, request_id, details, mac in rows:
+        i += 1
         if seq != expected:
             return expected, prev, i
         try:
-            if isinstance(at, str) and len(at) == 26 and at[10] == " " and at[19] == ".":
-                at = at[:10] + "T" + at[11:] + "+00:00"
-            else:
-                at = _iso(at)
-            msg = b"".join(
-                (
-                    prev.encode(),
-                    _field(str(seq)),
-                    _field(at),
-                    _field(actor),
-                    _field(event),
-                    _field(request_id or ""),
-                    _field(details),
+            if request_id is None:
+                request_id = ""
+            s = str(seq)
+            if at.__class__ is str and len(at) == 26 and at[10] == " " and at[19] == ".":
+                # SQLite storage "YYYY-MM-DD HH:MM:SS.ffffff" (UTC) -> canonical (32 chars)
+                m = (
+                    f"{prev}{len(s)}:{s},32:{at[:10]}T{at[11:]}+00:00,{len(actor)}:{actor},"
+                    f"{len(event)}:{event},{len(request_id)}:{request_id},"
+                    f"{len(details)}:{details},"
                 )
-            )
-            good = hmac.compare_digest(digest(key, msg, "sha256").hex(), mac)
+                # All ASCII: len() counted bytes. Otherwise take the general path.
+                msg = m.encode() if m.isascii() else None
+            else:
+                msg = None
+            if msg is None:
+                msg = _message(prev, seq, _iso(at), actor, event, request_id, details)
+            h = icopy()
+            h.update(msg)
+            o = ocopy()
+            o.update(h.digest())
+            good = same(o.hexdigest(), mac)
         except (TypeError, ValueError, AttributeError):
             good = False  # a value of the wrong type or format: tampered
         if not good:

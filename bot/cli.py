@@ -196,9 +196,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 async def _outbox(args: argparse.Namespace) -> int:
     from .outbox import retry_dead
-    from .store.db import Database
-
-    from .store.db import DEFAULT_URL
+    from .store.db import DEFAULT_URL, Database
 
     db = Database(os.environ.get("BREAKGLASS_DATABASE_URL") or DEFAULT_URL)
     try:

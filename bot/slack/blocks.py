@@ -213,12 +213,14 @@ def incident_denied(req: Request) -> str:
 
 
 def incident_cancelled(req: Request) -> str:
-    return f":leftwards_arrow_with_hook: *cancelled* {_ref(req)}: `{req.scope}` by <@{req.closed_by}>"
+    return (f":leftwards_arrow_with_hook: *cancelled* {_ref(req)}: `{req.scope}` "
+            f"by <@{req.closed_by}>")
 
 
 def incident_revoked(req: Request) -> str:
     return (f":octagonal_sign: *revoked* {_ref(req)}: token for `{req.scope}` of "
-            f"<@{req.requester}> by {_actor(req.closed_by)}; it ended {when(req.closed_at or req.created_at)}")
+            f"<@{req.requester}> by {_actor(req.closed_by)}; "
+            f"it ended {when(req.closed_at or req.created_at)}")
 
 
 def incident_expired(req: Request) -> str:

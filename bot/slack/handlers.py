@@ -101,8 +101,9 @@ class Handlers:
         for name, scope, results in found:
             ready = all(r.holds for r in results)
             state = "ready" if ready else "refused right now"
+            ceiling = scope.max_ttl or self.service.policy.tokens.max_ttl
             lines.append(f"• `{name}`: {scope.description} ({state}; {scope.quorum} approval(s), "
-                         f"up to {format_duration(self.service.policy.effective_ttl(scope, None)[0] if scope.max_ttl is None else scope.max_ttl)})")
+                         f"up to {format_duration(ceiling)})")
             lines.extend(f"    {line}" for line in blocks.trigger_lines(results).splitlines())
         return "\n".join(lines)
 
