@@ -26,6 +26,11 @@ from . import blocks
 
 log = logging.getLogger(__name__)
 
+
+def unescape(text: str) -> str:
+    """Slack escapes &, < and > in command text; the Block Kit builders escape them again."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 PREPARE_TIMEOUT = 2.0  # inside Slack's 3 s for a modal submission
 
@@ -45,7 +50,7 @@ class Handlers:
     async def on_command(self, ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
         user = str(body.get("user_id", ""))
         try:
-            cmd = commands.parse_command(str(body.get("text", "")), self.pattern)
+            cmd = commands.parse_command(unescape(str(body.get("text", ""))), self.pattern)
         except CommandError as exc:
             await ack(response_type="ephemeral", text=str(exc))
             return
