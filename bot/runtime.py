@@ -17,7 +17,7 @@ from .config import Settings
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
 from .directory import Directory
-from .http import build_web_app
+from .http import SLACK_SIGNATURE, build_web_app
 from .introspection import Introspector
 from .keys import KeyRing
 from .outbox import Dispatcher
@@ -100,9 +100,21 @@ class Runtime:
         await self._socket.connect_async()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a listener's slow part after the ack. A Slack request's work runs only if
+        no process has acted on the same signature (one spawn per Slack request)."""
+        signature = SLACK_SIGNATURE.get()
+        if signature is not None:
+            coro = self._once(signature, coro)
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+
+    async def _once(self, signature: str, coro: Coroutine[Any, Any, None]) -> None:
+        if not await self.replay_guard.first_time(signature):
+            coro.close()
+            log.warning("Slack request already handled by another process; not acting twice")
+            return
+        await coro
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -136,6 +136,7 @@ class Sandbox:
     quorum: int = 2
     escalate: str | None = None
     extra_policy: str = ""
+    policy_override: str | None = None  # a whole policy; {probe_url} and {client_sha256} are filled in
     clock: Clock | None = None
     directory: Path | None = None
     sweep_interval: float = 0.2
@@ -161,6 +162,9 @@ class Sandbox:
                                           delivery=self.delivery, algorithm=self.algorithm,
                                           quorum=self.quorum, escalate=self.escalate,
                                           extra=self.extra_policy)
+        if self.policy_override is not None:
+            self.policy_text = self.policy_override.replace("{probe_url}", self.probes.url).replace(
+                "{client_sha256}", hashlib.sha256(self.client_secret.encode()).hexdigest())
         (self.directory / "breakglass.toml").write_text(self.policy_text)
         self.database_url = f"sqlite+aiosqlite:///{self.directory / 'breakglass.db'}"
         self.settings = Settings(

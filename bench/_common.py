@@ -1,0 +1,159 @@
+"""Shared by the benchmarks: a load generator that runs in its own process,
+percentiles, a policy sized for load, and writing results into docs/performance.md."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import re
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from bot.slack.signature import compute_signature
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "performance.md"
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def summary(name: str, ms: list[float]) -> str:
+    return (f"{name}: n={len(ms)} p50={pct(ms, 50):.1f}ms p99={pct(ms, 99):.1f}ms "
+            f"max={max(ms):.1f}ms mean={statistics.fmean(ms):.1f}ms")
+
+
+def load_policy(n_requesters: int, n_approvers: int, *, quorum: int = 2, trigger_timeout: str = "2s",
+                delivery: str = "reveal", rate_limit: int = 100_000) -> str:
+    requesters = [f"U0REQ{i:05d}" for i in range(n_requesters)]
+    approvers = [f"U0APP{i:05d}" for i in range(n_approvers)]
+    return f"""
+[slack]
+reviewer_channel = "C0REVIEWS"
+incident_channel = "C0INCIDENT"
+
+[tokens]
+issuer = "https://breakglass.example.internal"
+delivery = "{delivery}"
+default_ttl = "15m"
+max_ttl = "1h"
+
+[requests]
+expire_after = "30m"
+rate_limit = {rate_limit}
+
+[groups.oncall]
+members = {json.dumps(requesters)}
+
+[groups.sre-leads]
+members = {json.dumps(approvers)}
+
+[triggers.primary-auth-down]
+description = "Primary auth provider fails its health check"
+http = "{{probe_url}}/auth/health"
+holds_when = "down"
+timeout = "{trigger_timeout}"
+
+[scopes.payments-write]
+description = "Write access to the payments API"
+audience = "payments-api"
+permissions = ["payments:read", "payments:write"]
+requesters = ["oncall"]
+approvers = ["sre-leads"]
+quorum = {quorum}
+max_ttl = "30m"
+triggers = ["primary-auth-down"]
+
+[clients.payments-api]
+secret_sha256 = "{{client_sha256}}"
+audiences = ["payments-api"]
+"""
+
+
+def command_fields(user: str, text: str, response_url: str) -> dict[str, str]:
+    return {"token": "bench", "team_id": "T0EMU", "team_domain": "emulated",
+            "channel_id": "C0GENERAL", "channel_name": "general", "user_id": user,
+            "user_name": user.lower(), "command": "/breakglass", "text": text,
+            "api_app_id": "A0EMU", "response_url": response_url,
+            "trigger_id": f"{time.time_ns()}.1.bench"}
+
+
+def click_fields(user: str, action_id: str, value: str, channel: str, response_url: str) -> dict[str, str]:
+    payload = {"type": "block_actions", "user": {"id": user, "username": user.lower()},
+               "api_app_id": "A0EMU", "token": "bench", "trigger_id": f"{time.time_ns()}.2.bench",
+               "team": {"id": "T0EMU", "domain": "emulated"},
+               "container": {"type": "message", "channel_id": channel, "is_ephemeral": False},
+               "channel": {"id": channel, "name": channel.lower()}, "response_url": response_url,
+               "actions": [{"action_id": action_id, "block_id": "bg", "value": value,
+                            "type": "button", "action_ts": f"{time.time():.6f}"}]}
+    return {"payload": json.dumps(payload)}
+
+
+async def _fire(url: str, secret: str, forms: list[dict[str, str]], concurrency: int) -> list[float]:
+    """POST each form, signed at send time, `concurrency` at once; latency in ms for each."""
+    latencies: list[float] = []
+    queue: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    for f in forms:
+        queue.put_nowait(f)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                form = queue.get_nowait()
+                body = urlencode(form).encode()
+                ts = str(int(time.time()))
+                headers = {"X-Slack-Request-Timestamp": ts,
+                           "X-Slack-Signature": compute_signature(secret, ts, body),
+                           "Content-Type": "application/x-www-form-urlencoded"}
+                start = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"HTTP {resp.status} from {url}")
+                latencies.append((time.perf_counter() - start) * 1000)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def _fire_entry(url: str, secret: str, forms: list[dict[str, str]], concurrency: int,
+                out: Any) -> None:
+    out.put(asyncio.run(_fire(url, secret, forms, concurrency)))
+
+
+async def fire_in_process(url: str, secret: str, forms: list[dict[str, str]],
+                          concurrency: int) -> list[float]:
+    """The load generator runs in its own process so it does not share the bot's event loop."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_fire_entry, args=(url, secret, forms, concurrency, out))
+    proc.start()
+    result: list[float] = await asyncio.to_thread(out.get)
+    await asyncio.to_thread(proc.join)
+    return result
+
+
+def write_section(name: str, body: str, command: str) -> None:
+    """Replace (or add) the section between markers for `name` in docs/performance.md."""
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    block = (f"<!-- bench:{name} -->\n"
+             f"Measured {stamp} with `{command}`:\n\n```\n{body.strip()}\n```\n"
+             f"<!-- /bench:{name} -->")
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->",
+                         re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)

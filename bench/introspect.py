@@ -1,0 +1,279 @@
+"""Introspection throughput against a bare aiohttp hello-world, on this machine.
+
+    python -m bench.introspect [--duration 10] [--connections 64] [--algorithm RS256]
+
+Starts the bot (a `Sandbox`: the real Runtime over loopback HTTP, SQLite in a temp
+dir) and a bare aiohttp hello-world server the same way (AppRunner, TCPSite on
+127.0.0.1, no access log), gets a token through the real flow (command, two
+approvals, reveal), then drives each server in turn with the same load: one
+load-generator process (multiprocessing, so it does not share the servers'
+event loop or GIL) keeping `--connections` keep-alive HTTP/1.1 connections
+busy for `--duration` seconds, each sending the same request:
+
+    POST /oauth2/introspect  Authorization: Basic …  token=<the token>
+
+(the hello-world server answers it without reading the body). Prints requests/s,
+p50 and p99 latency for each, and `introspect/hello ratio R`. The introspection
+run must answer `"active": true` every time, or the run is reported as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import multiprocessing as mp
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from aiohttp import web
+
+_JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    unexpected: int  # 200 answers without the expected text
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection: send, read one whole response, send again."""
+
+    def __init__(self, load: _Load) -> None:
+        self.load = load
+        self.buf = b""
+        self.started = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.send()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        self.started = time.perf_counter()
+        self.transport.write(self.load.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].lower()
+            at = head.find(b"\r\ncontent-length:")
+            if at < 0:
+                self.load.failed("response without Content-Length")
+                return
+            length = int(head[at + 17:head.find(b"\r\n", at + 2) if head.find(b"\r\n", at + 2) > 0
+                              else len(head)].strip())
+            total = end + 4 + length
+            if len(self.buf) < total:
+                return
+            response, self.buf = self.buf[:total], self.buf[total:]
+            self.load.answered(response, time.perf_counter() - self.started)
+            if self.load.running:
+                self.send()
+            else:
+                self.load.closed(self)
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.load.closed(self)
+
+
+class _Load:
+    def __init__(self, request: bytes, expect: bytes, measuring_from: float) -> None:
+        self.request = request
+        self.expect = expect
+        self.running = True
+        self.measuring_from = measuring_from
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.unexpected = 0
+        self.open: set[_Conn] = set()
+        self.all_closed = asyncio.get_running_loop().create_future()
+
+    def answered(self, response: bytes, seconds: float) -> None:
+        if time.perf_counter() < self.measuring_from:
+            return  # warm-up
+        if not response.startswith(b"HTTP/1.1 200"):
+            self.errors += 1
+        elif self.expect not in response:
+            self.unexpected += 1
+        self.latencies.append(seconds)
+
+    def failed(self, why: str) -> None:
+        self.errors += 1
+        self.running = False
+
+    def closed(self, conn: _Conn) -> None:
+        if conn.transport is not None:
+            conn.transport.close()
+        self.open.discard(conn)
+        if not self.open and not self.all_closed.done():
+            self.all_closed.set_result(None)
+
+
+async def _drive(url: str, request: bytes, expect: bytes, connections: int, warmup: float,
+                 duration: float) -> Result:
+    loop = asyncio.get_running_loop()
+    parts = urlsplit(url)
+    start = time.perf_counter()
+    load = _Load(request, expect, start + warmup)
+    for _ in range(connections):
+        _, conn = await loop.create_connection(lambda: _Conn(load), parts.hostname, parts.port)
+        load.open.add(conn)
+    await asyncio.sleep(warmup + duration - (time.perf_counter() - start))
+    load.running = False
+    measured = time.perf_counter() - load.measuring_from
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(load.all_closed, 10)
+    lat = sorted(load.latencies)
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
+
+    return Result(len(lat), measured, pct(0.50), pct(0.99), load.errors, load.unexpected)
+
+
+def _child(url: str, request: bytes, expect: bytes, connections: int, warmup: float,
+           duration: float, out: Any) -> None:
+    out.put(asyncio.run(_drive(url, request, expect, connections, warmup, duration)))
+
+
+def http_request(url: str, token: str, client_id: str, secret: str) -> bytes:
+    parts = urlsplit(url)
+    body = urlencode({"token": token}).encode("ascii")
+    auth = base64.b64encode(f"{client_id}:{secret}".encode()).decode("ascii")
+    return (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Authorization: Basic {auth}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("ascii") + body
+
+
+async def run_load(url: str, request: bytes, expect: bytes, *, connections: int, warmup: float,
+                   duration: float) -> Result:
+    """Drive `url` from a separate process; this process's event loop keeps serving."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(url, request, expect, connections, warmup, duration,
+                                            out), daemon=True)
+    proc.start()
+    try:
+        result: Result = await asyncio.to_thread(out.get, True, warmup + duration + 60)
+    finally:
+        await asyncio.to_thread(proc.join, 10)
+    return result
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+async def hello_server() -> tuple[web.AppRunner, str]:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="Hello, world")
+
+    app = web.Application()
+    app.router.add_route("*", "/oauth2/introspect", hello)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+    return runner, f"http://127.0.0.1:{port}/oauth2/introspect"
+
+
+async def token_from_flow(box: Any) -> str:
+    from bot.sandbox import ALICE, BOB, CAROL, REVIEWS
+
+    await box.slack.command(ALICE, "payments-write 30m INC-4521 bench")
+    await box.settle()
+    rid = box.latest_request_id()
+    for approver in (BOB, CAROL):
+        await box.slack.click(approver, "bg_approve", rid, channel_id=REVIEWS)
+        await box.settle()
+    await box.slack.click(ALICE, "bg_reveal", rid, channel_id=box.emulator.dm_channel_for(ALICE))
+    await box.settle()
+    view = box.emulator.views[-1].view
+    for block in view.get("blocks", []):
+        found = _JWT.search(block.get("text", {}).get("text", ""))
+        if found:
+            return found.group(0)
+    raise RuntimeError("the reveal modal held no token")
+
+
+def _line(name: str, r: Result) -> str:
+    return (f"{name:<11} {r.rate:>9.0f} req/s   p50 {r.p50_ms:6.2f} ms   p99 {r.p99_ms:6.2f} ms"
+            f"   ({r.requests} requests in {r.seconds:.1f}s, {r.errors} errors"
+            + (f", {r.unexpected} unexpected answers" if r.unexpected else "") + ")")
+
+
+async def main(args: argparse.Namespace) -> int:
+    import logging
+
+    from bot.sandbox import Sandbox
+
+    logging.basicConfig(level=logging.WARNING)
+    kw = dict(connections=args.connections, warmup=args.warmup, duration=args.duration)
+    print(f"{args.connections} connections, {args.duration:.0f}s each (+{args.warmup:.0f}s warm-up), "
+          f"load generator in its own process; {args.algorithm} tokens")
+    async with Sandbox(algorithm=args.algorithm) as box:
+        token = await token_from_flow(box)
+        url = f"{box.url}/oauth2/introspect"
+        request = http_request(url, token, "payments-api", box.client_secret)
+        runner, hello_url = await hello_server()
+        try:
+            hello = await run_load(hello_url, http_request(hello_url, token, "payments-api",
+                                                           box.client_secret),
+                                   b"Hello, world", **kw)
+        finally:
+            await runner.cleanup()
+        print(_line("hello", hello))
+        intro = await run_load(url, request, b'"active": true', **kw)
+        print(_line("introspect", intro))
+        await box.bot.introspector.flush()
+        await box.settle()
+        async with box.bot.db.read() as conn:
+            from sqlalchemy import select
+
+            from bot.store.schema import token_uses
+
+            counted = (await conn.execute(select(token_uses.c.count))).scalar()
+    ratio = intro.rate / hello.rate if hello.rate else 0.0
+    print(f"introspect/hello ratio R = {ratio:.2f}   (target >= 0.5; p99 target <= 20 ms)")
+    print(f"uses counted in token_uses: {counted} (every introspection, warm-up included)")
+    ok = intro.errors == 0 and intro.unexpected == 0 and hello.errors == 0
+    return 0 if ok else 1
+
+
+def cli(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.introspect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--algorithm", default="RS256", choices=["RS256", "ES256", "EdDSA"])
+    return asyncio.run(main(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
