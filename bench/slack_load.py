@@ -121,7 +121,7 @@ async def approve_to_dm(lines: list[str], n: int = 50) -> None:
             await box.slack.click("U0APP00000", "bg_approve", rid, channel_id=REVIEWS)
         await box.settle(30)
         lat: list[float] = []
-        for i, rid in enumerate(ids):
+        for rid in ids:
             before = len(emu.calls)
             user = None
             async with box.bot.db.read() as conn:
