@@ -239,8 +239,6 @@ class Service:
             assert req is not None
             try:
                 quorum.judge_click(req, user, approvers, self.approver_label(scope))
-                if user in (req.denied_by,):
-                    raise Refusal("already_decided", "You already decided on this request.")
             except Refusal as exc:
                 refusal = exc
             if refusal is None:
