@@ -145,6 +145,11 @@ async def _keys(args: argparse.Namespace) -> int:
             if not old:
                 raise Exit(2, "BREAKGLASS_OLD_MASTER_KEY is not set: set it to the current master "
                            "key and BREAKGLASS_MASTER_KEY to the new one")
+            try:
+                check_master_key(old)
+            except MasterKeyError as exc:
+                message = str(exc).replace("BREAKGLASS_MASTER_KEY", "BREAKGLASS_OLD_MASTER_KEY")
+                raise Exit(2, message) from None
             n = await KeyRing.rotate_master(db, old, master)
             print(f"re-encrypted {n} signing key(s) under the new master key")
     except WrongMasterKey as exc:
@@ -166,7 +171,13 @@ async def _audit(args: argparse.Namespace) -> int:
     db = Database(url)
     try:
         await db.create_schema()
-        key = audit.mac_key(master)
+        from .keys import WrongMasterKey, sealed_secret
+        from .runtime import AUDIT_KEY_NAME
+
+        try:
+            key = await sealed_secret(db, master, AUDIT_KEY_NAME)
+        except WrongMasterKey as exc:
+            raise Exit(2, str(exc)) from None
         if args.audit_cmd == "verify":
             result = await audit.verify(db, key)
             if result.ok:

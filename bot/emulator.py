@@ -8,8 +8,15 @@ It plays both sides of the wire, over real HTTP on 127.0.0.1:
   (messages with their edit history, ephemerals, opened modals) so a
   transcript can be shown, can inject faults (HTTP errors, 429s, `ok: false`,
   hangs), and is a sink for `response_url` posts.
-* `SlackSender` is Slack's servers calling the app: signed slash commands,
-  button clicks and modal submissions, shaped as Slack sends them.
+* It is also Slack's Socket Mode server: `apps.connections.open` (with an
+  app-level `xapp-` token) hands out a one-time `ws://` URL, the `/socket`
+  websocket greets the app with `hello`, and `socket_command`, `socket_click`
+  and `socket_submit_view` push envelopes and wait for the app's ack.
+* `SlackSender` is Slack's servers calling the app over HTTP: signed slash
+  commands, button clicks and modal submissions, shaped as Slack sends them.
+
+Both transports build their payloads with the same functions
+(`command_fields`, `click_payload`, `view_submission_payload`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from bot.slack.signature import compute_signature
 
@@ -124,6 +131,42 @@ class Fault:
         return web.Response(status=self.status, text=html, content_type="text/html")
 
 
+@dataclass
+class SocketConnection:
+    """One websocket the app opened with a ticket from apps.connections.open."""
+
+    id: str
+    ws: web.WebSocketResponse
+    opened_at: float
+    closed_at: float | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.closed_at is None and not self.ws.closed
+
+
+@dataclass
+class SocketEnvelope:
+    """An envelope pushed to the app, and the app's ack once it came."""
+
+    envelope_id: str
+    type: str  # "slash_commands" or "interactive"
+    payload: JSON
+    accepts_response_payload: bool
+    connection: str
+    sent_at: float
+    ack: JSON | None = None
+    acked_at: float | None = None
+
+    @property
+    def ack_seconds(self) -> float | None:
+        return None if self.acked_at is None else self.acked_at - self.sent_at
+
+    def as_slack(self) -> JSON:
+        return {"envelope_id": self.envelope_id, "type": self.type, "payload": self.payload,
+                "accepts_response_payload": self.accepts_response_payload}
+
+
 class ApiError(Exception):
     """Raised by a method handler to answer `{"ok": false, "error": ...}`."""
 
@@ -135,9 +178,19 @@ class ApiError(Exception):
 class SlackEmulator:
     """The Slack Web API on loopback; see the module docstring."""
 
-    def __init__(self, bot_token: str | None = None, host: str = "127.0.0.1") -> None:
-        self.bot_token = bot_token
+    def __init__(self, bot_token: str | None = None, host: str = "127.0.0.1", *,
+                 app_token: str | None = None) -> None:
+        self.bot_token = bot_token  # None: any xoxb- token is accepted
+        self.app_token = app_token  # None: any xapp- token is accepted
         self.host = host
+        # The deprecated verification token Slack puts in Socket Mode payloads too.
+        self.verification_token = secrets.token_urlsafe(18)
+        self.socket_connections: list[SocketConnection] = []
+        self.socket_envelopes: list[SocketEnvelope] = []
+        self.socket_acks: list[JSON] = []  # every message the app sent over a socket, parsed
+        self._tickets: set[str] = set()
+        self._ack_waiters: dict[str, asyncio.Future[JSON]] = {}
+        self._next_socket = 0
         self.calls: list[ApiCall] = []
         self.ephemerals: list[Ephemeral] = []
         self.views: list[OpenedView] = []
@@ -160,12 +213,17 @@ class SlackEmulator:
             "views.update": self._views_update, "conversations.open": self._conversations_open,
             "users.info": self._users_info, "usergroups.users.list": self._usergroup_members,
         }
+        # Methods that take an app-level token (xapp-) instead of the bot token.
+        self._app_methods: dict[str, Callable[[JSON], JSON]] = {
+            "apps.connections.open": self._connections_open,
+        }
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._handle_api)
         app.router.add_post("/response/{key}", self._handle_response)
+        app.router.add_get("/socket", self._handle_socket)
         self._stopping.clear()
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -174,6 +232,13 @@ class SlackEmulator:
 
     async def stop(self) -> None:
         self._stopping.set()  # releases hung calls
+        for waiter in self._ack_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("the Slack emulator stopped"))
+        for conn in self.socket_connections:
+            if conn.open:
+                with contextlib.suppress(Exception):
+                    await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"emulator stopping")
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -280,6 +345,143 @@ class SlackEmulator:
         queue = self._faults.get(method)
         return queue.popleft() if queue else None
 
+    # -- Socket Mode (Slack -> app over a websocket) ---------------------------
+    def socket_connected(self) -> bool:
+        """True while at least one app websocket is open (and was sent `hello`)."""
+        return any(conn.open for conn in self.socket_connections)
+
+    def open_sockets(self) -> list[SocketConnection]:
+        return [conn for conn in self.socket_connections if conn.open]
+
+    async def wait_socket(self, timeout: float = 10.0, count: int = 1) -> SocketConnection:
+        """Wait until count websockets are open; return the newest."""
+        def socket_open() -> bool:
+            return len(self.open_sockets()) >= count
+
+        await self.wait_for(socket_open, timeout)
+        return self.open_sockets()[-1]
+
+    async def socket_command(self, user_id: str, text: str, command: str = "/breakglass", *,
+                             channel_id: str = "C0GENERAL", timeout: float = 3.0) -> JSON:
+        """Send a slash command envelope; return the app's ack (`{"envelope_id", "payload"?}`).
+
+        timeout defaults to Slack's 3 s: a later ack is an error the user would see.
+        """
+        fields = command_fields(self, user_id, text, command=command, channel_id=channel_id,
+                                verification_token=self.verification_token)
+        return await self.socket_send("slash_commands", dict(fields), timeout=timeout)
+
+    async def socket_click(self, user_id: str, action_id: str, value: str, *, channel_id: str,
+                           message_ts: str | None = None, block_id: str = "bg",
+                           timeout: float = 3.0) -> JSON:
+        """Click a button over the socket (default: on the latest live message in the channel)."""
+        payload = click_payload(self, user_id, action_id, value, channel_id=channel_id,
+                                message_ts=message_ts, block_id=block_id,
+                                verification_token=self.verification_token)
+        # Slack marks block_actions envelopes as not taking a response payload.
+        return await self.socket_send("interactive", payload, accepts_response_payload=False,
+                                      timeout=timeout)
+
+    async def socket_submit_view(self, user_id: str, callback_id: str, values: JSON,
+                                 private_metadata: str | None = None, *,
+                                 timeout: float = 3.0) -> JSON:
+        """Submit a modal over the socket; a `response_action` comes back in the ack payload."""
+        payload = view_submission_payload(self, user_id, callback_id, values, private_metadata,
+                                          verification_token=self.verification_token)
+        return await self.socket_send("interactive", payload, timeout=timeout)
+
+    async def socket_send(self, envelope_type: str, payload: JSON, *,
+                          accepts_response_payload: bool = True, timeout: float = 3.0) -> JSON:
+        """Push one envelope to one open connection (Slack picks one when an app has
+        several; here they take turns) and wait for the ack with its envelope_id."""
+        conns = self.open_sockets()
+        if not conns:
+            raise ConnectionError("no app is connected to the Socket Mode endpoint")
+        conn = conns[self._next_socket % len(conns)]
+        self._next_socket += 1
+        envelope = SocketEnvelope(str(uuid.uuid4()), envelope_type, payload,
+                                  accepts_response_payload, conn.id, time.time())
+        waiter: asyncio.Future[JSON] = asyncio.get_running_loop().create_future()
+        self._ack_waiters[envelope.envelope_id] = waiter
+        self.socket_envelopes.append(envelope)
+        self._changed.set()
+        try:
+            await conn.ws.send_json(envelope.as_slack())
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no ack for {envelope_type} envelope {envelope.envelope_id} "
+                               f"within {timeout}s; socket messages received: "
+                               f"{len(self.socket_acks)}") from None
+        finally:
+            self._ack_waiters.pop(envelope.envelope_id, None)
+
+    async def socket_disconnect(self, reason: str = "refresh_requested") -> int:
+        """Tell every connected app to reconnect, as Slack does every few hours.
+        The old websockets stay open (Slack closes them about 10 s later) until the
+        app closes them. Returns how many connections were told."""
+        told = 0
+        for conn in self.open_sockets():
+            with contextlib.suppress(ConnectionError):
+                await conn.ws.send_json({"type": "disconnect", "reason": reason,
+                                         "debug_info": {"host": "emulated-applink"}})
+                told += 1
+        return told
+
+    async def socket_close(self, code: int = WSCloseCode.GOING_AWAY) -> None:
+        """Drop every app websocket without warning (a network cut or a Slack restart)."""
+        for conn in self.open_sockets():
+            with contextlib.suppress(Exception):
+                await conn.ws.close(code=code, message=b"closed by the emulator")
+
+    def socket_envelope(self, envelope_id: str) -> SocketEnvelope | None:
+        return next((e for e in self.socket_envelopes if e.envelope_id == envelope_id), None)
+
+    def _connections_open(self, params: JSON) -> JSON:
+        ticket = secrets.token_urlsafe(24)
+        self._tickets.add(ticket)
+        ws_base = "ws" + self.base_url.removeprefix("http")
+        return {"url": f"{ws_base}/socket?ticket={ticket}&app_id={APP_ID}"}
+
+    async def _handle_socket(self, request: web.Request) -> web.StreamResponse:
+        ticket = request.query.get("ticket", "")
+        if ticket not in self._tickets:  # each URL is good for one connection
+            return web.Response(status=401, text="invalid_ticket")
+        self._tickets.discard(ticket)
+        ws = web.WebSocketResponse(autoping=True)  # answers the app's pings with pongs
+        await ws.prepare(request)
+        conn = SocketConnection(f"s{len(self.socket_connections) + 1}", ws, time.time())
+        await ws.send_json({"type": "hello", "num_connections": len(self.open_sockets()) + 1,
+                            "debug_info": {"host": "emulated-applink", "build_number": 1,
+                                           "approximate_connection_time": 18060},
+                            "connection_info": {"app_id": APP_ID}})
+        self.socket_connections.append(conn)
+        self._changed.set()
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    self._socket_message(str(msg.data))
+        finally:
+            conn.closed_at = time.time()
+            self._changed.set()
+        return ws
+
+    def _socket_message(self, data: str) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = {"unparsed": data}
+        if not isinstance(message, dict):
+            message = {"unparsed": data}
+        self.socket_acks.append(message)
+        self._changed.set()
+        envelope = self.socket_envelope(str(message.get("envelope_id", "")))
+        if envelope is None or envelope.ack is not None:
+            return  # unknown or duplicate: recorded in socket_acks only
+        envelope.ack, envelope.acked_at = message, time.time()
+        waiter = self._ack_waiters.get(envelope.envelope_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
+
     # -- HTTP handlers ------------------------------------------------------
     async def _handle_api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
@@ -302,9 +504,19 @@ class SlackEmulator:
 
     def _dispatch(self, method: str, params: JSON, token: str | None) -> JSON:
         handler = self._methods.get(method)
-        if handler is None:
+        app_handler = self._app_methods.get(method)
+        if app_handler is not None:
+            # Slack: apps.connections.open takes only an app-level token.
+            if token is not None and token.startswith(("xoxb-", "xoxp-")):
+                return {"ok": False, "error": "not_allowed_token_type"}
+            if not self._app_token_ok(token):
+                return {"ok": False, "error": "invalid_auth"}
+            handler = app_handler
+        elif handler is None:
             return {"ok": False, "error": "unknown_method"}
-        if not self._token_ok(token):
+        elif token is not None and token.startswith("xapp-"):
+            return {"ok": False, "error": "not_allowed_token_type"}
+        elif not self._token_ok(token):
             return {"ok": False, "error": "invalid_auth"}
         try:
             answer = handler(params)
@@ -317,6 +529,11 @@ class SlackEmulator:
         if self.bot_token is None:
             return token is not None and token.startswith("xoxb-")
         return token == self.bot_token
+
+    def _app_token_ok(self, token: str | None) -> bool:
+        if self.app_token is None:
+            return token is not None and token.startswith("xapp-")
+        return token == self.app_token
 
     async def _handle_response(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
@@ -528,41 +745,18 @@ class SlackSender:
 
     async def command(self, user_id: str, text: str, command: str = "/breakglass",
                       channel_id: str = "C0GENERAL") -> SentRequest:
-        response_url = self.emulator.new_response_url()
-        fields = {"token": self.verification_token, "team_id": self.team_id,
-                  "team_domain": TEAM_DOMAIN, "channel_id": channel_id,
-                  "channel_name": self.emulator.channel_name(channel_id), "user_id": user_id,
-                  "user_name": self.emulator.user(user_id)["name"], "command": command,
-                  "text": text, "api_app_id": APP_ID, "is_enterprise_install": "false",
-                  "response_url": response_url, "trigger_id": _trigger_id()}
-        return await self._post_form(fields, response_url)
+        fields = command_fields(self.emulator, user_id, text, command=command,
+                                channel_id=channel_id, team_id=self.team_id,
+                                verification_token=self.verification_token)
+        return await self._post_form(fields, fields["response_url"])
 
     async def click(self, user_id: str, action_id: str, value: str, *, channel_id: str,
                     message_ts: str | None = None, block_id: str = "bg") -> SentRequest:
         """Click a button on message_ts (default: the latest live message in the channel)."""
-        channel = self.emulator.resolve_channel(channel_id)
-        if message_ts is None:
-            live = [m for m in self.emulator.messages(channel) if not m.deleted]
-            message = live[-1] if live else None
-        else:
-            message = self.emulator.message(channel, message_ts)
-        ts = message.ts if message else message_ts
-        response_url = self.emulator.new_response_url()
-        payload: JSON = {
-            "type": "block_actions", "user": self._user(user_id), "api_app_id": APP_ID,
-            "token": self.verification_token,
-            "container": {"type": "message", "message_ts": ts, "channel_id": channel,
-                          "is_ephemeral": False},
-            "trigger_id": _trigger_id(), "team": self._team(), "enterprise": None,
-            "is_enterprise_install": False,
-            "channel": {"id": channel, "name": self.emulator.channel_name(channel)},
-            "state": {"values": {}}, "response_url": response_url,
-            "actions": [{"action_id": action_id, "block_id": block_id, "value": value,
-                         "type": "button", "action_ts": f"{time.time():.6f}"}],
-        }
-        if message is not None:
-            payload["message"] = message.as_slack()
-        return await self._post_form({"payload": json.dumps(payload)}, response_url)
+        payload = click_payload(self.emulator, user_id, action_id, value, channel_id=channel_id,
+                                message_ts=message_ts, block_id=block_id, team_id=self.team_id,
+                                verification_token=self.verification_token)
+        return await self._post_form({"payload": json.dumps(payload)}, payload["response_url"])
 
     async def submit_view(self, user_id: str, callback_id: str, values: JSON,
                           private_metadata: str | None = None) -> SentRequest:
@@ -571,18 +765,9 @@ class SlackSender:
         The latest view the app opened with that callback_id supplies the id, title,
         blocks and (unless given) private_metadata.
         """
-        opened = self.emulator.find_view(callback_id)
-        base = _view_answer(opened) if opened else {
-            "id": f"V{uuid.uuid4().hex[:10].upper()}", "team_id": self.team_id, "type": "modal",
-            "app_id": APP_ID, "bot_id": BOT_ID, "blocks": [], "private_metadata": ""}
-        view = {**base, "callback_id": callback_id, "state": {"values": values}}
-        if private_metadata is not None:
-            view["private_metadata"] = private_metadata
-        payload: JSON = {
-            "type": "view_submission", "team": self._team(), "user": self._user(user_id),
-            "api_app_id": APP_ID, "token": self.verification_token, "trigger_id": _trigger_id(),
-            "view": view, "response_urls": [], "enterprise": None, "is_enterprise_install": False,
-        }
+        payload = view_submission_payload(self.emulator, user_id, callback_id, values,
+                                          private_metadata, team_id=self.team_id,
+                                          verification_token=self.verification_token)
         return await self._post_form({"payload": json.dumps(payload)}, None)
 
     async def _post_form(self, fields: dict[str, str], response_url: str | None) -> SentRequest:
@@ -594,11 +779,81 @@ class SlackSender:
         return sent
 
     def _user(self, user_id: str) -> JSON:
-        name = self.emulator.user(user_id)["name"]
-        return {"id": user_id, "username": name, "name": name, "team_id": self.team_id}
+        return _user(self.emulator, user_id, self.team_id)
 
     def _team(self) -> JSON:
-        return {"id": self.team_id, "domain": TEAM_DOMAIN}
+        return _team(self.team_id)
+
+
+# -- payloads, the same over HTTP (SlackSender) and Socket Mode (SlackEmulator) --
+def command_fields(emulator: SlackEmulator, user_id: str, text: str, *,
+                   command: str = "/breakglass", channel_id: str = "C0GENERAL",
+                   team_id: str = TEAM_ID, verification_token: str = "") -> dict[str, str]:
+    """A slash command as Slack sends it: the form fields over HTTP, the payload object
+    in Socket Mode. Each call gets a fresh response_url on emulator."""
+    return {"token": verification_token, "team_id": team_id, "team_domain": TEAM_DOMAIN,
+            "channel_id": channel_id, "channel_name": emulator.channel_name(channel_id),
+            "user_id": user_id, "user_name": emulator.user(user_id)["name"],
+            "command": command, "text": text, "api_app_id": APP_ID,
+            "is_enterprise_install": "false", "response_url": emulator.new_response_url(),
+            "trigger_id": _trigger_id()}
+
+
+def click_payload(emulator: SlackEmulator, user_id: str, action_id: str, value: str, *,
+                  channel_id: str, message_ts: str | None = None, block_id: str = "bg",
+                  team_id: str = TEAM_ID, verification_token: str = "") -> JSON:
+    """A block_actions payload for a button on message_ts (default: the latest live
+    message in the channel), with a fresh response_url."""
+    channel = emulator.resolve_channel(channel_id)
+    if message_ts is None:
+        live = [m for m in emulator.messages(channel) if not m.deleted]
+        message = live[-1] if live else None
+    else:
+        message = emulator.message(channel, message_ts)
+    ts = message.ts if message else message_ts
+    payload: JSON = {
+        "type": "block_actions", "user": _user(emulator, user_id, team_id), "api_app_id": APP_ID,
+        "token": verification_token,
+        "container": {"type": "message", "message_ts": ts, "channel_id": channel,
+                      "is_ephemeral": False},
+        "trigger_id": _trigger_id(), "team": _team(team_id), "enterprise": None,
+        "is_enterprise_install": False,
+        "channel": {"id": channel, "name": emulator.channel_name(channel)},
+        "state": {"values": {}}, "response_url": emulator.new_response_url(),
+        "actions": [{"action_id": action_id, "block_id": block_id, "value": value,
+                     "type": "button", "action_ts": f"{time.time():.6f}"}],
+    }
+    if message is not None:
+        payload["message"] = message.as_slack()
+    return payload
+
+
+def view_submission_payload(emulator: SlackEmulator, user_id: str, callback_id: str,
+                            values: JSON, private_metadata: str | None = None, *,
+                            team_id: str = TEAM_ID, verification_token: str = "") -> JSON:
+    """A view_submission payload for the latest view opened with callback_id."""
+    opened = emulator.find_view(callback_id)
+    base = _view_answer(opened) if opened else {
+        "id": f"V{uuid.uuid4().hex[:10].upper()}", "team_id": team_id, "type": "modal",
+        "app_id": APP_ID, "bot_id": BOT_ID, "blocks": [], "private_metadata": ""}
+    view = {**base, "callback_id": callback_id, "state": {"values": values}}
+    if private_metadata is not None:
+        view["private_metadata"] = private_metadata
+    return {
+        "type": "view_submission", "team": _team(team_id),
+        "user": _user(emulator, user_id, team_id), "api_app_id": APP_ID,
+        "token": verification_token, "trigger_id": _trigger_id(), "view": view,
+        "response_urls": [], "enterprise": None, "is_enterprise_install": False,
+    }
+
+
+def _user(emulator: SlackEmulator, user_id: str, team_id: str = TEAM_ID) -> JSON:
+    name = emulator.user(user_id)["name"]
+    return {"id": user_id, "username": name, "name": name, "team_id": team_id}
+
+
+def _team(team_id: str = TEAM_ID) -> JSON:
+    return {"id": team_id, "domain": TEAM_DOMAIN}
 
 
 def _trigger_id() -> str:

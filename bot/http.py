@@ -9,8 +9,10 @@ import hmac
 import json
 import logging
 import time
+import weakref
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,6 +21,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 
 from . import metrics
 from .core.policy import Client
+from .introspection import INACTIVE_BODY
 from .slack.signature import SignatureError, verify_signature
 
 if TYPE_CHECKING:
@@ -27,7 +30,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_SLACK_BODY = 1024 * 1024
+# The signature of the Slack request being handled: Runtime.spawn checks it against the
+# database before background work acts, so a replay to another process is not acted on.
+SLACK_SIGNATURE: ContextVar[str | None] = ContextVar("slack_signature", default=None)
 MAX_FORM_BODY = 64 * 1024
+JWKS_MAX_AGE = 60  # seconds relying services may cache the key set (they refetch on an unknown kid)
+JWKS_CACHE_SECONDS = 5.0  # seconds this process reuses the key set it built
+_JWKS_CACHE: weakref.WeakKeyDictionary[Runtime, tuple[float, float, str, bytes]] = (
+    weakref.WeakKeyDictionary())
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_NO_CLIENT = "0" * 64  # compared against when the client id is unknown: same work
 
 
 def build_web_app(rt: Runtime) -> web.Application:
@@ -59,8 +71,11 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
     body = await _read_limited(request, MAX_SLACK_BODY)
     if body is None:
         return _problem(413, "too_large", "Slack request bodies are at most 1 MiB.")
+    if not rt.settings.signing_secret:
+        # Socket Mode without a signing secret: nothing here can prove Slack sent it.
+        return _problem(401, "invalid_signature", "this bot takes Slack requests over Socket Mode")
     try:
-        verify_signature(rt.settings.signing_secret or "", request.headers.get("X-Slack-Request-Timestamp"),
+        verify_signature(rt.settings.signing_secret, request.headers.get("X-Slack-Request-Timestamp"),
                          request.headers.get("X-Slack-Signature"), body, time.time())
     except SignatureError as exc:
         return _problem(401, "invalid_signature", str(exc))
@@ -74,12 +89,17 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
     problem = _check_slack_body(text, request.content_type)
     if problem:
         return _problem(400, "bad_body", problem)
-    if not await rt.replay_guard.first_time(request.headers["X-Slack-Signature"]):
+    signature = request.headers["X-Slack-Signature"]
+    if not rt.replay_guard.first_time_here(signature):
         log.warning("replayed Slack request ignored")
         return web.Response(status=200)
     bolt_req = AsyncBoltRequest(body=text, query=request.query_string,
                                 headers=dict(request.headers))
-    bolt_resp = await rt.bolt.async_dispatch(bolt_req)
+    token = SLACK_SIGNATURE.set(signature)  # background work checks it across processes
+    try:
+        bolt_resp = await rt.bolt.async_dispatch(bolt_req)
+    finally:
+        SLACK_SIGNATURE.reset(token)
     metrics.SLACK_ACK_SECONDS.observe(time.perf_counter() - started)
     return await to_aiohttp_response(bolt_resp)
 
@@ -110,9 +130,20 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def jwks(request: web.Request) -> web.Response:
+    """RFC 7517 key set. Served from a copy at most JWKS_CACHE_SECONDS old (it costs a
+    query), remade at once when this process's current key changes."""
     rt: Runtime = request.app["rt"]
-    keys = await rt.jwks()
-    return web.json_response(keys, headers={"Cache-Control": "public, max-age=60"})
+    now = rt.clock.now().timestamp()
+    mono = time.monotonic()
+    kid = rt.keyring.current.kid
+    cached = _JWKS_CACHE.get(rt)
+    if (cached is None or cached[2] != kid or mono - cached[0] >= JWKS_CACHE_SECONDS
+            or abs(now - cached[1]) >= JWKS_CACHE_SECONDS):
+        body = json.dumps(await rt.jwks()).encode("utf-8")
+        cached = (mono, now, kid, body)
+        _JWKS_CACHE[rt] = cached
+    return web.Response(body=cached[3], content_type="application/json",
+                        headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"})
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -123,22 +154,22 @@ async def metrics_view(request: web.Request) -> web.Response:
 
 
 def _authenticate(request: web.Request, clients: dict[str, Client]) -> tuple[str, Client] | None:
-    """HTTP Basic client authentication (RFC 6749 §2.3.1), constant-time on the secret."""
+    """HTTP Basic client authentication (RFC 6749 §2.3.1), constant-time on the secret.
+
+    Unknown client, wrong secret, a malformed header: None, after the same work."""
     header = request.headers.get("Authorization", "")
-    if not header.startswith("Basic "):
+    if header[:6].lower() != "basic " or len(header) > 4096:
         return None
     try:
-        decoded = base64.b64decode(header[6:], validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
     client_id, sep, secret = decoded.partition(":")
-    from urllib.parse import unquote
-
     client_id, secret = unquote(client_id), unquote(secret)
     client = clients.get(client_id)
-    digest = hashlib.sha256(secret.encode("utf-8")).hexdigest()
-    expected = client.secret_sha256 if client else "0" * 64
-    if not sep or not hmac.compare_digest(digest, expected) or client is None:
+    digest = hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+    expected = client.secret_sha256 if client is not None else _NO_CLIENT
+    if not hmac.compare_digest(digest, expected) or not sep or client is None:
         return None
     return client_id, client
 
@@ -146,46 +177,66 @@ def _authenticate(request: web.Request, clients: dict[str, Client]) -> tuple[str
 def _unauthorized() -> web.Response:
     return web.json_response(
         {"error": "invalid_client", "error_description": "client authentication failed"},
-        status=401, headers={"WWW-Authenticate": 'Basic realm="breakglass"',
-                             "Cache-Control": "no-store"})
+        status=401, headers={"WWW-Authenticate": 'Basic realm="breakglass", charset="UTF-8"',
+                             "Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+def _invalid_request(description: str) -> web.Response:
+    return _no_store({"error": "invalid_request", "error_description": description}, status=400)
 
 
 async def _token_form(request: web.Request) -> str | None:
-    body = await _read_limited(request, MAX_FORM_BODY)
-    if body is None:
+    """The `token` field of a form-encoded body: None when the body is not a form or has
+    no such field; "" when the body is too large (so it reads as no valid token)."""
+    if request.content_type != "application/x-www-form-urlencoded":
         return None
+    if request.content_length is not None and request.content_length > MAX_FORM_BODY:
+        return ""
+    chunks: list[bytes] = []
+    size = 0
+    while True:  # StreamReader.read(n) may return less than n: read until EOF
+        chunk = await request.content.read(MAX_FORM_BODY + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_FORM_BODY:
+            return ""
     try:
-        form = parse_qs(body.decode("utf-8"), keep_blank_values=True)
+        form = parse_qs(b"".join(chunks).decode("utf-8"), keep_blank_values=True)
     except UnicodeDecodeError:
         return ""
-    values = form.get("token") or [""]
-    return values[0]
+    values = form.get("token")
+    return values[0] if values else None
 
 
 def _no_store(data: dict[str, Any], status: int = 200) -> web.Response:
-    return web.json_response(data, status=status,
-                             headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+    return web.json_response(data, status=status, headers=_NO_STORE)
 
 
 async def introspect(request: web.Request) -> web.Response:
+    """RFC 7662. Every token that is not active for this client: 200 {"active": false}."""
     rt: Runtime = request.app["rt"]
     auth = _authenticate(request, rt.policy.clients)
     if auth is None:
         return _unauthorized()
     token = await _token_form(request)
     if token is None:
-        return _no_store({"active": False})
-    answer = await rt.introspector.introspect(token, *auth)
-    metrics.INTROSPECTIONS.labels(active=str(answer.get("active", False)).lower()).inc()
-    return _no_store(answer)
+        return _invalid_request("a form-encoded body with a token field is required")
+    body = await rt.introspector.introspect_json(token, *auth)
+    metrics.INTROSPECTIONS.labels(active="false" if body is INACTIVE_BODY else "true").inc()
+    return web.Response(body=body, content_type="application/json", headers=_NO_STORE)
 
 
 async def revoke(request: web.Request) -> web.Response:
+    """RFC 7009: 200 for any token string, known or not, live or not."""
     rt: Runtime = request.app["rt"]
     auth = _authenticate(request, rt.policy.clients)
     if auth is None:
         return _unauthorized()
     token = await _token_form(request)
+    if token is None:
+        return _invalid_request("a form-encoded body with a token field is required")
     if token:
         await rt.introspector.revoke(token, *auth)
-    return web.Response(status=200, headers={"Cache-Control": "no-store"})
+    return web.Response(status=200, headers=_NO_STORE)

@@ -24,7 +24,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import and_, select, text, update
+from sqlalchemy import and_, insert, select, text, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -42,7 +42,7 @@ from .core.tokens import (
     public_pem,
 )
 from .store.db import Database
-from .store.schema import requests, signing_keys
+from .store.schema import requests, sealed_secrets, signing_keys
 
 KDF_PURPOSE = "signing-keys"
 NONCE_SIZE = 12
@@ -338,7 +338,37 @@ class KeyRing:
                     .where(signing_keys.c.kid == row.kid)
                     .values(private_enc=_encrypt(new, row.kid, der))
                 )
+            sealed = (await conn.execute(select(sealed_secrets))).all()
+            for name, blob in sealed:
+                value = _decrypt(old, _SEALED_AAD + name, blob)
+                await conn.execute(
+                    update(sealed_secrets)
+                    .where(sealed_secrets.c.name == name)
+                    .values(blob=_encrypt(new, _SEALED_AAD + name, value))
+                )
         return len(rows)
 
 
-__all__ = ["KeyIntegrityError", "KeyRing", "WrongMasterKey", "new_kid"]
+_SEALED_AAD = "sealed:"
+
+
+async def sealed_secret(db: Database, master_key: str, name: str) -> bytes:
+    """A random 32-byte secret kept in the database under the master key; made on first use.
+
+    The audit log's MAC key lives here rather than being derived from the master key,
+    so `rotate-master` re-encrypts it and the chain stays verifiable."""
+    aead = _aead(master_key)
+    async with db.read() as conn:
+        blob = await conn.scalar(select(sealed_secrets.c.blob).where(sealed_secrets.c.name == name))
+    if blob is None:
+        async with db.transaction() as conn:
+            await _lock(conn)
+            blob = await conn.scalar(
+                select(sealed_secrets.c.blob).where(sealed_secrets.c.name == name))
+            if blob is None:
+                blob = _encrypt(aead, _SEALED_AAD + name, secrets.token_bytes(32))
+                await conn.execute(insert(sealed_secrets).values(name=name, blob=blob))
+    return _decrypt(aead, _SEALED_AAD + name, blob)
+
+
+__all__ = ["KeyIntegrityError", "KeyRing", "WrongMasterKey", "new_kid", "sealed_secret"]

@@ -1,12 +1,42 @@
 """The one way out to Slack for events.
 
 A use case writes outbox rows in the same transaction as its state change
-(`enqueue`); the `Dispatcher` delivers them. Delivery keeps order per lane
-(one lane per channel), retries with exponential backoff and jitter, honours
-429 Retry-After, and dead-letters after `max_attempts`. Rows are claimed with
-a lease, so two processes never send the same row at once. A post that
-carries a `key` records Slack's `ts` in `slack_messages`, which later updates
-use, so a retry updates instead of posting again.
+(`enqueue`); the `Dispatcher` delivers them after commit. So a state change
+and the Slack messages it implies are committed together or not at all, and
+a crash or a Slack outage between the two only delays the messages.
+
+Delivery
+--------
+
+* Order is kept per lane (one lane per channel, one per DM): a lane's rows go
+  out in id order, and a row that must wait (backoff, Retry-After, or a lease
+  held by another process) holds back every later row of its lane. Lanes do
+  not wait for each other.
+* Failures: HTTP 5xx, connection errors, timeouts and `ok: false` errors that
+  may be transient are retried with exponential backoff and jitter
+  (`base_delay * 2**(attempt-1)`, capped at `max_delay`, drawn from the upper
+  half of that window). A 429 waits exactly its Retry-After (capped at
+  `max_delay`) and does not use up an attempt: it is Slack pacing us, not the
+  event failing. `ok: false` errors that no retry will fix
+  (`PERMANENT_ERRORS`) dead-letter at once; anything else dead-letters after
+  `max_attempts`. A dead letter is logged at ERROR with its event id, counted
+  in `breakglass_outbox_dead_letters_total`, and stays in the table with its
+  last error until `breakglass outbox retry` (`retry_dead`) queues it again.
+  A dead row does not hold its lane.
+* Rows are claimed with a lease (a `next_attempt_at` in the future), renewed
+  as the lane is worked through, so two processes on one database never send
+  the same row at once. The lease is longer than the Slack client's timeout.
+  A process that dies mid-delivery leaves its rows leased: they go out when
+  the lease runs out, from whichever process is alive (or the restarted one).
+* A post that carries a `key` (approval cards, DMs) records Slack's `ts` in
+  `slack_messages` in the transaction that marks the row sent. A later
+  update of that key edits that message; a retried post whose key is already
+  recorded is not sent again.
+
+What no outbox can promise: when Slack received a post but the answer never
+came back (a timeout, a crash between Slack's answer and our commit), the
+post is retried and may appear twice. Updates are idempotent, so only posts
+are affected; docs/reliability.md says so.
 
 Token DMs (`token_dm`) hold no token: the dispatcher asks `materialise`
 for the text at send time, and the token is minted then.
@@ -15,18 +45,21 @@ for the text at send time, and the token is minted then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import metrics
@@ -36,16 +69,21 @@ from .store.schema import outbox, slack_messages
 
 log = logging.getLogger(__name__)
 
-LEASE = timedelta(seconds=30)
+LEASE = timedelta(seconds=30)  # default when the client's timeout is unknown
+LEASE_MARGIN = timedelta(seconds=5)  # beyond the Slack client's own timeout
 BATCH_PER_LANE = 20
+# pg_advisory_xact_lock key that serialises claims on PostgreSQL (b"bg-outbx").
+ADVISORY_LOCK_ID = 0x62672D6F75746278
 
 # ok:false errors that no retry will fix.
 PERMANENT_ERRORS = frozenset(
     {
         "channel_not_found", "not_in_channel", "is_archived", "invalid_auth", "account_inactive",
-        "token_revoked", "no_permission", "missing_scope", "message_not_found",
-        "cant_update_message", "invalid_blocks", "msg_too_long", "user_not_found",
-        "invalid_arguments", "not_authed", "cannot_dm_bot", "unknown_method",
+        "token_revoked", "token_expired", "no_permission", "missing_scope", "message_not_found",
+        "cant_update_message", "edit_window_closed", "invalid_blocks", "invalid_blocks_format",
+        "msg_too_long", "no_text", "too_many_attachments", "user_not_found", "invalid_arguments",
+        "not_authed", "cannot_dm_bot", "unknown_method", "method_deprecated", "restricted_action",
+        "channel_is_archived", "team_access_not_granted", "ekm_access_denied",
     }
 )
 
@@ -89,13 +127,20 @@ def update_message(conn: AsyncConnection, now: datetime, key: str, lane: str, te
 
 
 class _Retry(Exception):
-    def __init__(self, reason: str, after: float | None = None) -> None:
+    def __init__(self, reason: str, after: float | None = None, *, paced: bool = False) -> None:
         super().__init__(reason)
         self.after = after
+        self.paced = paced  # a 429: Slack pacing us; does not use up an attempt
 
 
 class _Dead(Exception):
     pass
+
+
+class Outcome(enum.Enum):
+    SENT = "sent"
+    DEAD = "dead"  # the lane may go on
+    RETRY = "retry"  # the lane waits for this row
 
 
 class Dispatcher:
@@ -110,22 +155,26 @@ class Dispatcher:
         base_delay: float = 1.0,
         max_delay: float = 300.0,
         poll_interval: float = 0.5,
+        lease: float | None = None,
     ) -> None:
         self.db = db
         self.client = client
         self.clock = clock
         self.materialise = materialise
-        self.max_attempts = max_attempts
+        self.max_attempts = max(1, max_attempts)
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.poll_interval = poll_interval
+        self.lease = timedelta(seconds=lease) if lease is not None else _lease_for(client)
         self._wake = asyncio.Event()
+        self._next_due: datetime | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self._wake.clear()  # before the round: a wake during it starts another
             try:
                 busy = await self.deliver_once()
             except Exception:  # noqa: BLE001 - the loop must survive a bad round
@@ -133,11 +182,19 @@ class Dispatcher:
                 busy = 0
             if busy:
                 continue
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            except TimeoutError:
-                pass
+            await self._sleep(stop)
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        timeout = self.poll_interval
+        if self._next_due is not None:
+            until = (self._next_due - self.clock.now()).total_seconds()
+            timeout = min(timeout, max(0.005, until))
+        waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def drain(self, timeout: float) -> int:
         """Deliver what is due until nothing is left or `timeout` passes; returns what is left."""
@@ -146,7 +203,10 @@ class Dispatcher:
         while loop.time() < deadline:
             if await self.deliver_once() == 0 and await self.pending_count() == 0:
                 return 0
-            await asyncio.sleep(0.05)
+            pause = 0.05
+            if self._next_due is not None:
+                pause = min(0.05, max(0.005, (self._next_due - self.clock.now()).total_seconds()))
+            await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
         return await self.pending_count()
 
     async def pending_count(self) -> int:
@@ -155,102 +215,141 @@ class Dispatcher:
         return int(n or 0)
 
     async def deliver_once(self) -> int:
+        """One round: claim what is due in every lane and deliver it; returns rows claimed."""
         lanes = await self._claim()
         if not lanes:
             return 0
-        await asyncio.gather(*(self._deliver_lane(rows) for rows in lanes))
+        results = await asyncio.gather(*(self._deliver_lane(rows) for rows in lanes),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("outbox lane failed: %s: %s", type(result).__name__, result)
         return sum(len(rows) for rows in lanes)
 
     async def _claim(self) -> list[list[dict[str, Any]]]:
         now = self.clock.now()
+        rn = func.row_number().over(partition_by=outbox.c.lane, order_by=outbox.c.id).label("rn")
+        heads = select(outbox, rn).where(outbox.c.status == "pending").subquery()
         async with self.db.transaction() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_ID})
             rows = (
                 await conn.execute(
-                    select(outbox).where(outbox.c.status == "pending").order_by(outbox.c.id)
-                    .limit(2000)
+                    select(heads).where(heads.c.rn <= BATCH_PER_LANE)
+                    .order_by(heads.c.lane, heads.c.id)
                 )
             ).mappings().all()
             by_lane: dict[str, list[dict[str, Any]]] = {}
             blocked: set[str] = set()
+            next_due: datetime | None = None
             for row in rows:
                 lane = row["lane"]
                 if lane in blocked:
                     continue
-                # A lane's head that is not due (backoff, or leased elsewhere) holds the lane.
-                if _aware(row["next_attempt_at"]) > now:
+                due = _aware(row["next_attempt_at"])
+                # A row that is not due (backoff, or leased by someone) holds its lane.
+                if due > now:
                     blocked.add(lane)
+                    next_due = due if next_due is None else min(next_due, due)
                     continue
-                claimed = by_lane.setdefault(lane, [])
-                if len(claimed) >= BATCH_PER_LANE:
-                    blocked.add(lane)
-                    continue
-                claimed.append(dict(row))
+                by_lane.setdefault(lane, []).append(
+                    {k: row[k] for k in ("id", "lane", "kind", "payload", "attempts")})
             ids = [r["id"] for rs in by_lane.values() for r in rs]
             if ids:
                 await conn.execute(
-                    update(outbox).where(outbox.c.id.in_(ids))
-                    .values(next_attempt_at=now + LEASE, attempts=outbox.c.attempts + 1)
+                    update(outbox).where(and_(outbox.c.id.in_(ids), outbox.c.status == "pending"))
+                    .values(next_attempt_at=now + self.lease, attempts=outbox.c.attempts + 1)
                 )
+        self._next_due = next_due
         return [rs for rs in by_lane.values() if rs]
 
     async def _deliver_lane(self, rows: list[dict[str, Any]]) -> None:
         for i, row in enumerate(rows):
-            ok = await self._deliver(row)
-            if not ok:
+            rest = [r["id"] for r in rows[i + 1:]]
+            outcome = await self._deliver(row, rest)
+            if outcome is Outcome.RETRY:
                 # Keep order: release the rest of this lane's claim untouched.
-                rest = [r["id"] for r in rows[i + 1:]]
                 if rest:
                     async with self.db.transaction() as conn:
                         await conn.execute(
-                            update(outbox).where(outbox.c.id.in_(rest))
+                            update(outbox)
+                            .where(and_(outbox.c.id.in_(rest), outbox.c.status == "pending"))
                             .values(next_attempt_at=self.clock.now(),
                                     attempts=outbox.c.attempts - 1)
                         )
                 return
 
-    async def _deliver(self, row: dict[str, Any]) -> bool:
-        payload = json.loads(row["payload"])
-        attempts = int(row["attempts"]) + 1
+    async def _deliver(self, row: dict[str, Any], rest: Sequence[int] = ()) -> Outcome:
+        attempts = int(row["attempts"]) + 1  # this attempt, as counted by the claim
+        kind = row["kind"]
         try:
-            posted = await self._send(row["kind"], payload)
+            payload = json.loads(row["payload"])
+        except ValueError:
+            payload = None
+        try:
+            if not isinstance(payload, dict):
+                raise _Dead("payload is not a JSON object")
+            posted = await self._send(kind, payload, int(row["id"]))
         except _Dead as exc:
-            await self._finish(row, "dead", str(exc))
-            metrics.OUTBOX_DEAD.labels(kind=row["kind"]).inc()
-            log.error("outbox event %s (%s) dead-lettered: %s", row["id"], row["kind"], exc)
-            return False
+            await self._dead(row, attempts, str(exc), rest)
+            return Outcome.DEAD
         except _Retry as exc:
+            if not exc.paced and attempts >= self.max_attempts:
+                await self._dead(row, attempts, f"gave up after {attempts} attempts: {exc}", rest)
+                return Outcome.DEAD
+            if exc.after is not None:
+                delay = min(self.max_delay, max(0.0, exc.after))
+            else:
+                delay = self._backoff(attempts)
+            await self._reschedule(row, delay, str(exc), refund=exc.paced)
+            metrics.OUTBOX_RETRIES.labels(kind=kind).inc()
+            log.warning("outbox event %s (%s, lane %s) will retry in %.2fs (attempt %d of %d): %s",
+                        row["id"], kind, row["lane"], delay, attempts, self.max_attempts, exc)
+            return Outcome.RETRY
+        except Exception as exc:  # noqa: BLE001 - e.g. the database under the materialiser
+            # Never log str(exc) here: the materialiser holds token text.
             if attempts >= self.max_attempts:
-                await self._finish(row, "dead", f"gave up after {attempts} attempts: {exc}")
-                metrics.OUTBOX_DEAD.labels(kind=row["kind"]).inc()
-                log.error("outbox event %s (%s) dead-lettered after %d attempts: %s",
-                          row["id"], row["kind"], attempts, exc)
-                return False
-            delay = exc.after if exc.after is not None else self._backoff(attempts)
-            await self._reschedule(row, delay, str(exc))
-            metrics.OUTBOX_RETRIES.labels(kind=row["kind"]).inc()
-            log.warning("outbox event %s (%s) will retry in %.1fs: %s",
-                        row["id"], row["kind"], delay, exc)
-            return False
-        await self._finish(row, "sent", None, posted)
-        metrics.OUTBOX_SENT.labels(kind=row["kind"]).inc()
-        return True
+                await self._dead(row, attempts, f"gave up after {attempts} attempts: "
+                                 f"{type(exc).__name__}", rest)
+                return Outcome.DEAD
+            delay = self._backoff(attempts)
+            await self._reschedule(row, delay, type(exc).__name__)
+            metrics.OUTBOX_RETRIES.labels(kind=kind).inc()
+            log.warning("outbox event %s (%s) failed with %s; retry in %.2fs",
+                        row["id"], kind, type(exc).__name__, delay)
+            return Outcome.RETRY
+        await self._finish(row, "sent", None, posted, rest)
+        metrics.OUTBOX_SENT.labels(kind=kind).inc()
+        return Outcome.SENT
+
+    async def _dead(self, row: dict[str, Any], attempts: int, error: str, rest: Sequence[int]) -> None:
+        await self._finish(row, "dead", error, None, rest)
+        metrics.OUTBOX_DEAD.labels(kind=row["kind"]).inc()
+        log.error("outbox event %s (%s, lane %s) dead-lettered after %d attempt(s): %s; "
+                  "`breakglass outbox retry` queues it again", row["id"], row["kind"], row["lane"],
+                  attempts, error)
 
     def _backoff(self, attempts: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempts - 1))
+        ceiling = min(self.max_delay, self.base_delay * 2 ** min(attempts - 1, 60))
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
 
-    async def _send(self, kind: str, p: dict[str, Any]) -> tuple[str, str, str] | None:
+    async def _send(self, kind: str, p: dict[str, Any], row_id: int) -> tuple[str, str, str] | None:
         """Do the Slack call; returns (key, channel, ts) for a keyed post."""
         if kind == "post":
-            if p.get("key") and await self._message(p["key"]):
+            key = p.get("key")
+            if key and await self._message(key):
                 return None  # posted before a crash: never post twice
             resp = await self._call("chat_postMessage", channel=p["channel"], text=p["text"],
-                                    blocks=p.get("blocks"), unfurl_links=False)
-            if p.get("key"):
-                return p["key"], str(resp["channel"]), str(resp["ts"])
+                                    blocks=p.get("blocks"), unfurl_links=False, unfurl_media=False)
+            if key:
+                return key, str(resp["channel"]), str(resp["ts"])
             return None
         if kind == "update":
             where = await self._message(p["key"])
+            if where is None:
+                if await self._post_waiting(p["key"], row_id):
+                    raise _Retry(f"the message {p['key']} is not posted yet")
+                where = await self._message(p["key"])  # it may have gone out meanwhile
             if where is None:
                 raise _Dead(f"no posted message for {p['key']} to update")
             await self._call("chat_update", channel=where[0], ts=where[1], text=p["text"],
@@ -263,7 +362,7 @@ class Dispatcher:
             if rendered is None:
                 return None  # the grant ended before delivery: nothing to send
             resp = await self._call("chat_postMessage", channel=p["user"], text=rendered.text,
-                                    blocks=rendered.blocks)
+                                    blocks=rendered.blocks, unfurl_links=False, unfurl_media=False)
             return p["key"], str(resp["channel"]), str(resp["ts"])
         raise _Dead(f"unknown outbox kind {kind!r}")
 
@@ -273,17 +372,20 @@ class Dispatcher:
             return await getattr(self.client, method)(**kwargs)
         except SlackApiError as exc:
             status = exc.response.status_code
-            error = exc.response.get("error") if isinstance(exc.response.data, dict) else None
+            data = exc.response.data
+            error = data.get("error") if isinstance(data, dict) else None
             if status == 429:
-                after = exc.response.headers.get("Retry-After", "1")
-                raise _Retry("rate limited", float(after) if str(after).isdigit() else 1.0) from None
-            if status >= 500 or status != 200:
+                raise _Retry("rate limited (429)", _retry_after(exc.response.headers),
+                              paced=True) from None
+            if status != 200:
                 raise _Retry(f"HTTP {status}") from None
+            if error == "ratelimited":
+                raise _Retry("rate limited", _retry_after(exc.response.headers), paced=True) from None
             if error in PERMANENT_ERRORS:
                 raise _Dead(f"Slack said {error}") from None
             raise _Retry(f"Slack said {error}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+            raise _Retry(type(exc).__name__) from None
 
     async def _message(self, key: str) -> tuple[str, str] | None:
         async with self.db.read() as conn:
@@ -292,8 +394,39 @@ class Dispatcher:
                 .where(slack_messages.c.key == key))).first()
         return (row[0], row[1]) if row else None
 
+    async def _post_waiting(self, key: str, before: int) -> bool:
+        """Is a post of `key` still pending (e.g. in another lane after a policy change)?"""
+        needle = json.dumps({"key": key})[1:-1]  # "key": "card:R..."
+        needle = needle.replace(": ", ":")
+        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        async with self.db.read() as conn:
+            n = await conn.scalar(
+                select(func.count()).where(and_(
+                    outbox.c.status == "pending", outbox.c.id < before,
+                    outbox.c.kind.in_(["post", "token_dm"]),
+                    outbox.c.payload.like(f"%{escaped}%", escape="\\"))))
+        return bool(n)
+
     async def _finish(self, row: dict[str, Any], status: str, error: str | None,
-                      posted: tuple[str, str, str] | None = None) -> None:
+                      posted: tuple[str, str, str] | None = None, rest: Sequence[int] = ()) -> None:
+        """Mark the row done and renew the lease on the rest of its lane's claim.
+
+        After a send this must not be lost (a lost 'sent' means a second post),
+        so a failing commit is tried again for a few seconds.
+        """
+        for attempt in range(5):
+            try:
+                await self._finish_once(row, status, error, posted, rest)
+                return
+            except DBAPIError:
+                if attempt == 4:
+                    raise
+                log.warning("outbox event %s: could not record %s yet; trying again",
+                            row["id"], status)
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _finish_once(self, row: dict[str, Any], status: str, error: str | None,
+                           posted: tuple[str, str, str] | None, rest: Sequence[int]) -> None:
         now = self.clock.now()
         async with self.db.transaction() as conn:
             await conn.execute(
@@ -306,27 +439,80 @@ class Dispatcher:
                     select(func.count()).where(slack_messages.c.key == key))
                 if not exists:
                     await conn.execute(insert(slack_messages).values(key=key, channel=channel, ts=ts))
+            if rest:
+                await conn.execute(
+                    update(outbox).where(and_(outbox.c.id.in_(rest), outbox.c.status == "pending"))
+                    .values(next_attempt_at=now + self.lease))
 
-    async def _reschedule(self, row: dict[str, Any], delay: float, error: str) -> None:
+    async def _reschedule(self, row: dict[str, Any], delay: float, error: str,
+                          refund: bool = False) -> None:
+        values: dict[str, Any] = {
+            "next_attempt_at": self.clock.now() + timedelta(seconds=delay),
+            "last_error": error[:500],
+        }
+        if refund:
+            values["attempts"] = outbox.c.attempts - 1
         async with self.db.transaction() as conn:
             await conn.execute(
                 update(outbox).where(and_(outbox.c.id == row["id"], outbox.c.status == "pending"))
-                .values(next_attempt_at=self.clock.now() + timedelta(seconds=delay),
-                        last_error=error)
+                .values(**values)
             )
 
 
-async def retry_dead(db: Database, now: datetime) -> int:
-    """`breakglass outbox retry`: give every dead-lettered row a fresh set of attempts."""
+async def retry_dead(db: Database, now: datetime, ids: Sequence[int] | None = None) -> int:
+    """`breakglass outbox retry`: give dead-lettered rows (all, or `ids`) a fresh set of attempts.
+
+    They keep their ids, so each goes back to its place in its lane's order.
+    """
+    where = outbox.c.status == "dead"
+    if ids is not None:
+        where = and_(where, outbox.c.id.in_(list(ids)))
     async with db.transaction() as conn:
         result = await conn.execute(
-            update(outbox).where(outbox.c.status == "dead")
-            .values(status="pending", attempts=0, next_attempt_at=now, last_error=None)
+            update(outbox).where(where)
+            .values(status="pending", attempts=0, next_attempt_at=now, last_error=None,
+                    sent_at=None)
         )
-    return int(result.rowcount or 0)
+    n = int(result.rowcount or 0)
+    if n:
+        log.info("%d dead-lettered outbox event(s) queued again", n)
+    return n
+
+
+async def dead_letters(db: Database, limit: int = 100) -> list[dict[str, Any]]:
+    """Dead-lettered rows, oldest first: id, lane, kind, attempts, created_at, last_error."""
+    c = outbox.c
+    async with db.read() as conn:
+        rows = (await conn.execute(
+            select(c.id, c.lane, c.kind, c.attempts, c.created_at, c.sent_at, c.last_error)
+            .where(c.status == "dead").order_by(c.id).limit(limit))).mappings().all()
+    return [dict(r) for r in rows]
+
+
+async def counts(db: Database) -> dict[str, int]:
+    """Rows by status: {"pending": n, "sent": n, "dead": n}."""
+    async with db.read() as conn:
+        rows = (await conn.execute(
+            select(outbox.c.status, func.count()).group_by(outbox.c.status))).all()
+    out = {"pending": 0, "sent": 0, "dead": 0}
+    out.update({str(s): int(n) for s, n in rows})
+    return out
+
+
+def _retry_after(headers: Any) -> float:
+    with contextlib.suppress(AttributeError, TypeError, ValueError):
+        value = float(str(headers.get("Retry-After", "1")).strip())
+        if value == value and value >= 0:  # not NaN
+            return value
+    return 1.0
+
+
+def _lease_for(client: Any) -> timedelta:
+    timeout = getattr(client, "timeout", None)
+    if isinstance(timeout, int | float) and timeout > 0:
+        return timedelta(seconds=float(timeout)) + LEASE_MARGIN
+    return LEASE
 
 
 def _aware(value: datetime) -> datetime:
-    from datetime import UTC
-
     return value if value.tzinfo else value.replace(tzinfo=UTC)

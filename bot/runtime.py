@@ -19,7 +19,7 @@ from .core.policy import Policy
 from .directory import Directory
 from .http import SLACK_SIGNATURE, build_web_app
 from .introspection import Introspector
-from .keys import KeyRing
+from .keys import KeyRing, sealed_secret
 from .outbox import Dispatcher
 from .service import Service
 from .slack.app import build_app
@@ -29,6 +29,8 @@ from .store.replay import ReplayGuard
 from .triggers import Prober
 
 log = logging.getLogger(__name__)
+
+AUDIT_KEY_NAME = "audit-mac"
 
 
 def slack_client(settings: Settings) -> AsyncWebClient:
@@ -61,7 +63,7 @@ class Runtime:
         await self.db.create_schema()
         now = self.clock.now()
         self.keyring = await KeyRing.open(self.db, s.master_key, self.policy.tokens.algorithm, now)
-        self.audit_key = audit.mac_key(s.master_key)
+        self.audit_key = await sealed_secret(self.db, s.master_key, AUDIT_KEY_NAME)
         self.client = slack_client(s)
         self.prober = Prober()
         self.directory = Directory(self.policy, self.client)

@@ -103,6 +103,15 @@ signing_keys = Table(
     Column("retired_at", DateTime(timezone=True)),
 )
 
+# Other secrets the bot generates (the audit log's MAC key), sealed like the signing
+# keys, so that rotating the master key re-encrypts them instead of changing them.
+sealed_secrets = Table(
+    "sealed_secrets",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("blob", LargeBinary, nullable=False),
+)
+
 # Append-only, hash-chained audit log. Triggers (see audit.py) refuse
 # UPDATE, DELETE and any insert but the next sequence number.
 audit_log = Table(

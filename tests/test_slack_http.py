@@ -1,0 +1,283 @@
+"""POST /slack/events as an attacker or a broken proxy would call it, plus /healthz and
+/metrics. Every bad request gets a 4xx with a reason, never a 500, and acts on nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+from sqlalchemy import func, select
+
+from bot.emulator import SentRequest
+from bot.sandbox import ALICE, Sandbox
+from bot.slack.signature import compute_signature
+from bot.store.schema import requests
+
+REQUEST = "payments-write 30m INC-4521 auth provider down"
+FORM = "application/x-www-form-urlencoded"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def command_body(box: Sandbox, text: str = REQUEST, user: str = ALICE) -> bytes:
+    """A slash command body shaped as Slack sends it."""
+    fields = {"token": "x", "team_id": "T0EMU", "team_domain": "emulated",
+              "channel_id": "C0GENERAL", "channel_name": "general", "user_id": user,
+              "user_name": user.lower(), "command": "/breakglass", "text": text,
+              "api_app_id": "A0EMU", "response_url": box.emulator.new_response_url(),
+              "trigger_id": "1.2.3"}
+    return urlencode(fields).encode()
+
+
+def signed(box: Sandbox, body: bytes, *, timestamp: int | str | None = None,
+           content_type: str = FORM, **extra: str) -> dict[str, str]:
+    return {**box.slack.sign(body, timestamp), "Content-Type": content_type, **extra}
+
+
+async def post(box: Sandbox, body: bytes | Any, headers: dict[str, str]) -> SentRequest:
+    return await box.slack.raw(body, headers)
+
+
+async def request_count(box: Sandbox) -> int:
+    async with box.bot.db.read() as conn:
+        return int(await conn.scalar(select(func.count()).select_from(requests)) or 0)
+
+
+async def assert_refused(box: Sandbox, resp: SentRequest, status: int) -> None:
+    """A clear JSON problem with this status, and nothing acted on."""
+    assert resp.status == status, (resp.status, resp.body)
+    assert isinstance(resp.json, dict) and resp.json.get("message"), resp.body
+    await box.settle()
+    assert await request_count(box) == 0
+    assert box.emulator.responses == []
+
+
+async def raw_http(url: str, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 request written byte for byte; returns (status, body)."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(b"POST " + parts.path.encode() + b" HTTP/1.1\r\nHost: "
+                 + parts.netloc.encode() + b"\r\nConnection: close\r\n" + head
+                 + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+# ------------------------------------------------------------------------ signatures
+
+
+async def test_valid_signed_command_is_acted_on(sandbox: Sandbox) -> None:
+    """The control case for everything below: the same helpers, correctly signed."""
+    body = command_body(sandbox)
+    resp = await post(sandbox, body, signed(sandbox, body))
+    assert resp.status == 200 and resp.json["response_type"] == "ephemeral"
+    await sandbox.settle()
+    assert await request_count(sandbox) == 1
+
+
+async def test_bad_signature(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    ts = str(int(time.time()))
+    headers = {"X-Slack-Request-Timestamp": ts, "Content-Type": FORM,
+               "X-Slack-Signature": compute_signature("not-the-secret", ts, body)}
+    await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+    # Signed for another body.
+    headers = signed(sandbox, command_body(sandbox, "help"))
+    await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+
+
+async def test_missing_signature_headers(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    full = signed(sandbox, body)
+    for drop in ("X-Slack-Signature", "X-Slack-Request-Timestamp"):
+        headers = {k: v for k, v in full.items() if k != drop}
+        await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+    await assert_refused(sandbox, await post(sandbox, body, {"Content-Type": FORM}), 401)
+
+
+async def test_stale_timestamp(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    for ts in (int(time.time()) - 301, int(time.time()) - 3600, int(time.time()) + 3600):
+        await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body,
+                                                                       timestamp=ts)), 401)
+
+
+async def test_timestamp_not_a_number(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    for ts in ("abc", "", "1e9", "-5", " 1700000000", "9" * 40):
+        headers = signed(sandbox, body)
+        headers["X-Slack-Request-Timestamp"] = ts
+        await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+
+
+async def test_non_ascii_signature_header(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    ts = str(int(time.time()))
+    # Through aiohttp, as a client library would send it.
+    headers = {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": "v0=é",
+               "Content-Type": FORM}
+    await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+    # Byte for byte: UTF-8 and a lone Latin-1 byte in the header value.
+    for value in ("v0=é".encode(), b"v0=\xe9\xff", "v0=☃".encode() * 30):
+        head = (b"X-Slack-Request-Timestamp: " + ts.encode() + b"\r\nX-Slack-Signature: "
+                + value + b"\r\nContent-Type: " + FORM.encode() + b"\r\n")
+        status, answer = await raw_http(sandbox.slack.app_url, head, body)
+        assert status == 401, (status, answer)
+        assert json.loads(answer)["message"]
+    await sandbox.settle()
+    assert await request_count(sandbox) == 0
+
+
+# ------------------------------------------------------------------ replay and retry
+
+
+async def test_byte_identical_replay_is_not_acted_on_twice(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    headers = signed(sandbox, body)
+    first = await post(sandbox, body, headers)
+    assert first.status == 200 and first.json["response_type"] == "ephemeral"
+    await sandbox.settle()
+    second = await post(sandbox, body, headers)
+    assert second.status == 200
+    await sandbox.settle()
+    assert await request_count(sandbox) == 1
+    assert len(sandbox.emulator.responses) == 1  # one reply, to the first delivery only
+
+
+async def test_slack_retry_is_answered_but_not_acted_on(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    headers = signed(sandbox, body, **{"X-Slack-Retry-Num": "1",
+                                       "X-Slack-Retry-Reason": "http_timeout"})
+    resp = await post(sandbox, body, headers)
+    assert resp.status == 200
+    await sandbox.settle()
+    assert await request_count(sandbox) == 0
+    assert sandbox.emulator.responses == []
+
+
+# ---------------------------------------------------------------------------- bodies
+
+
+async def test_body_over_one_mebibyte(sandbox: Sandbox) -> None:
+    body = command_body(sandbox) + b"&pad=" + b"a" * (1024 * 1024)
+    await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 413)
+
+
+async def test_large_body_under_the_limit_is_read_whole(sandbox: Sandbox) -> None:
+    """A signed body of 500 KiB (with Content-Length) is within the 1 MiB limit."""
+    body = command_body(sandbox, "help") + b"&pad=" + b"a" * (500 * 1024)
+    resp = await post(sandbox, body, signed(sandbox, body))
+    assert resp.status == 200, resp.body
+    assert "Usage" in resp.json["text"]
+
+
+async def streamed(body: bytes, size: int = 65536) -> AsyncIterator[bytes]:
+    """The body sent chunked (no Content-Length), one piece at a time, as a proxy may."""
+    for start in range(0, len(body), size):
+        yield body[start:start + size]
+        await asyncio.sleep(0.01)
+
+
+async def test_streamed_body_over_one_mebibyte(sandbox: Sandbox) -> None:
+    body = command_body(sandbox) + b"&pad=" + b"a" * (1024 * 1024)
+    resp = await post(sandbox, streamed(body), signed(sandbox, body))
+    await assert_refused(sandbox, resp, 413)
+
+
+async def test_streamed_signed_command_is_read_whole(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    resp = await post(sandbox, streamed(body, size=40), signed(sandbox, body))
+    assert resp.status == 200, resp.body
+    await sandbox.settle()
+    assert await request_count(sandbox) == 1
+
+
+async def test_empty_body(sandbox: Sandbox) -> None:
+    await assert_refused(sandbox, await post(sandbox, b"", signed(sandbox, b"")), 400)
+
+
+async def test_json_body(sandbox: Sandbox) -> None:
+    body = json.dumps({"command": "/breakglass", "text": REQUEST, "user_id": ALICE}).encode()
+    headers = signed(sandbox, body, content_type="application/json")
+    await assert_refused(sandbox, await post(sandbox, body, headers), 400)
+
+
+async def test_form_that_is_neither_command_nor_payload(sandbox: Sandbox) -> None:
+    body = b"hello=world"
+    await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 400)
+
+
+async def test_invalid_json_in_payload(sandbox: Sandbox) -> None:
+    for raw in ("{not json", "", "{\"type\": \"block_actions\"", "\udcff"):
+        body = urlencode({"payload": raw}, errors="surrogateescape").encode()
+        await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 400)
+
+
+async def test_payload_json_not_an_object(sandbox: Sandbox) -> None:
+    for raw in ("[1, 2]", "42", "\"block_actions\"", "null", "{}", "{\"type\": 7}"):
+        body = urlencode({"payload": raw}).encode()
+        await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 400)
+
+
+async def test_body_not_utf8(sandbox: Sandbox) -> None:
+    body = b"command=%2Fbreakglass&text=\xff\xfe"
+    await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 400)
+
+
+async def test_interaction_payload_of_unexpected_shape_is_not_a_500(sandbox: Sandbox) -> None:
+    """Signed, valid JSON object, but not the shape Slack sends: never a 500."""
+    shapes: list[dict[str, Any]] = [
+        {"type": "block_actions"},
+        {"type": "something_new"},
+        {"type": "block_actions", "actions": [], "user": {"id": ALICE}},
+        {"type": "block_actions", "actions": ["x"], "user": {"id": ALICE}},
+        {"type": "block_actions", "actions": [{"action_id": 5}], "user": {"id": ALICE}},
+        {"type": "block_actions", "actions": [{"action_id": "bg_approve"}], "user": "x"},
+        {"type": "view_submission", "view": "nope", "user": {"id": ALICE}},
+        {"type": "view_submission", "user": {"id": ALICE},
+         "view": {"callback_id": "bg_request_modal", "state": "x"}},
+    ]
+    answers = []
+    for shape in shapes:
+        body = urlencode({"payload": json.dumps(shape)}).encode()
+        resp = await post(sandbox, body, signed(sandbox, body))
+        answers.append((resp.status, shape))
+    assert [a for a in answers if a[0] >= 500] == []
+    await sandbox.settle()
+    assert await request_count(sandbox) == 0
+
+
+# ---------------------------------------------------------------- health and metrics
+
+
+async def test_healthz(sandbox: Sandbox) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{sandbox.url}/healthz") as resp:
+            assert resp.status == 200
+            assert resp.content_type == "application/json"
+            body = await resp.json()
+    assert body["status"] == "ok" and body["database"] is True
+
+
+async def test_metrics(sandbox: Sandbox) -> None:
+    body = command_body(sandbox)
+    await post(sandbox, body, signed(sandbox, body))
+    await sandbox.settle()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{sandbox.url}/metrics") as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/plain"
+            text = await resp.text()
+    for name in ("breakglass_requests_total", "breakglass_outbox_pending",
+                 "breakglass_slack_ack_seconds"):
+        assert name in text
+    assert 'breakglass_requests_total{outcome="opened"}' in text
