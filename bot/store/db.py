@@ -13,7 +13,6 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
 
 from .schema import metadata
 
@@ -54,6 +53,8 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
+            # A plain (deferred) BEGIN: in WAL mode readers never wait for the writer.
+            await conn.execution_options(breakglass_read=True)
             yield conn
 
     async def ping(self) -> bool:
@@ -81,7 +82,8 @@ def _sqlite_tuning(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get("breakglass_read"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-
-__all__ = ["DEFAULT_URL", "Database", "NullPool"]
