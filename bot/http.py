@@ -61,8 +61,12 @@ def _problem(status: int, error: str, message: str, **headers: str) -> web.Respo
 async def _read_limited(request: web.Request, limit: int) -> bytes | None:
     if request.content_length is not None and request.content_length > limit:
         return None
-    body = await request.content.read(limit + 1)
-    return None if len(body) > limit else body
+    body = bytearray()
+    while chunk := await request.content.read(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 async def slack_events(request: web.Request) -> web.StreamResponse:
@@ -101,6 +105,11 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
     finally:
         SLACK_SIGNATURE.reset(token)
     metrics.SLACK_ACK_SECONDS.observe(time.perf_counter() - started)
+    if bolt_resp.status >= 500:
+        # A listener failed on this input; Slack shows a generic error either way, and a
+        # 5xx would invite retries of something that cannot succeed.
+        log.error("Slack request could not be handled (listener failed)")
+        return _problem(400, "unhandled", "This request could not be handled; nothing was changed.")
     return await to_aiohttp_response(bolt_resp)
 
 
@@ -115,10 +124,35 @@ def _check_slack_body(text: str, content_type: str) -> str | None:
             return "The payload field is not valid JSON."
         if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
             return "The payload field is not a Slack interaction payload."
-        return None
+        return _check_payload_shape(payload)
     if "command" in form:
         return None
     return "Neither a slash command nor an interaction payload."
+
+
+def _check_payload_shape(payload: dict[str, Any]) -> str | None:
+    """The fields our listeners read must have the types Slack gives them."""
+    user = payload.get("user")
+    if "user" in payload and not (isinstance(user, dict) and isinstance(user.get("id"), str)):
+        return "payload.user must be an object with a string id."
+    if payload["type"] == "block_actions":
+        actions = payload.get("actions")
+        if not isinstance(actions, list) or not actions or not all(
+            isinstance(a, dict) and isinstance(a.get("action_id"), str)
+            and isinstance(a.get("value", ""), str) for a in actions
+        ):
+            return "payload.actions must be a non-empty list of actions with string action_id."
+    if payload["type"] in ("view_submission", "view_closed"):
+        view = payload.get("view")
+        if not isinstance(view, dict) or not isinstance(view.get("state", {}), dict):
+            return "payload.view must be an object with a state object."
+        values = view.get("state", {}).get("values", {})
+        if not isinstance(values, dict) or not all(
+            isinstance(b, dict) and all(isinstance(v, dict) for v in b.values())
+            for b in values.values()
+        ):
+            return "payload.view.state.values has an unexpected shape."
+    return None
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -115,7 +115,7 @@ class ProbeTarget:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/{name}/health", self._health)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -27,6 +27,14 @@ MakeBox = Callable[..., Awaitable[Sandbox]]
 # --------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture
+async def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    """The conftest sandbox, with ES256 keys: generated in a millisecond where an RSA key
+    takes half a second, and these tests do not look at the signing algorithm."""
+    async with Sandbox(directory=tmp_path, algorithm="ES256") as started:
+        yield started
+
+
 @dataclass(frozen=True)
 class World:
     """What a refusal must leave as it was."""
@@ -118,7 +126,7 @@ async def make_box(tmp_path: Path) -> AsyncIterator[MakeBox]:
     async def make(**options: Any) -> Sandbox:
         directory = tmp_path / f"box{len(boxes)}"
         directory.mkdir()
-        box = Sandbox(directory=directory, **options)
+        box = Sandbox(directory=directory, **{"algorithm": "ES256", **options})
         await box.start()
         boxes.append(box)
         return box
@@ -131,60 +139,60 @@ async def make_box(tmp_path: Path) -> AsyncIterator[MakeBox]:
 # ------------------------------------------------------------------------- commands
 
 
-async def test_unknown_scope(sandbox: Sandbox) -> None:
+async def test_unknown_scope(box: Sandbox) -> None:
     await refused_unchanged(
-        sandbox, lambda: command(sandbox, ALICE, "payments-wrte 30m INC-4521 auth down"),
+        box, lambda: command(box, ALICE, "payments-wrte 30m INC-4521 auth down"),
         "no scope `payments-wrte`", "payments-write", "/breakglass scopes")
 
 
-async def test_missing_duration(sandbox: Sandbox) -> None:
-    await refused_unchanged(sandbox, lambda: command(sandbox, ALICE, "payments-write"),
+async def test_missing_duration(box: Sandbox) -> None:
+    await refused_unchanged(box, lambda: command(box, ALICE, "payments-write"),
                             "duration and a reason are required", "/breakglass payments-write 30m")
 
 
 @pytest.mark.parametrize("duration", ["30", "1x", "-5m", "0m"])
-async def test_malformed_duration(sandbox: Sandbox, duration: str) -> None:
+async def test_malformed_duration(box: Sandbox, duration: str) -> None:
     message = await refused_unchanged(
-        sandbox, lambda: command(sandbox, ALICE, f"payments-write {duration} INC-4521 down"),
+        box, lambda: command(box, ALICE, f"payments-write {duration} INC-4521 down"),
         "/breakglass payments-write 30m")
     assert "duration" in message
     if duration != "0m":
         assert f"'{duration}'" in message and "15m" in message  # shows how to write one
 
 
-async def test_duration_above_ceiling_is_clamped_with_a_notice(sandbox: Sandbox) -> None:
-    message = await command(sandbox, ALICE, "payments-write 2h INC-4521 auth provider down")
+async def test_duration_above_ceiling_is_clamped_with_a_notice(box: Sandbox) -> None:
+    message = await command(box, ALICE, "payments-write 2h INC-4521 auth provider down")
     assert "you asked for 2h" in message and "ceiling" in message and "30m" in message
-    async with sandbox.bot.db.read() as conn:
+    async with box.bot.db.read() as conn:
         row = (await conn.execute(select(requests))).one()
     assert (row.requested_ttl_s, row.ttl_s) == (2 * 3600, 30 * 60)
 
 
-async def test_missing_reason(sandbox: Sandbox) -> None:
-    await refused_unchanged(sandbox, lambda: command(sandbox, ALICE, "payments-write 30m"),
+async def test_missing_reason(box: Sandbox) -> None:
+    await refused_unchanged(box, lambda: command(box, ALICE, "payments-write 30m"),
                             "reason is required", "/breakglass payments-write 30m INC-4521")
 
 
-async def test_requester_outside_requester_groups(sandbox: Sandbox) -> None:
-    await refused_unchanged(sandbox, lambda: command(sandbox, MALLORY, REQUEST),
+async def test_requester_outside_requester_groups(box: Sandbox) -> None:
+    await refused_unchanged(box, lambda: command(box, MALLORY, REQUEST),
                             "not in a group allowed to request `payments-write`", "oncall")
-    assert any("not_a_requester" in d for d in await refusal_events(sandbox))
+    assert any("not_a_requester" in d for d in await refusal_events(box))
 
 
-async def test_triggers_not_holding(sandbox: Sandbox) -> None:
-    sandbox.probes.status["auth"] = 200  # the auth provider is healthy
-    before = await world(sandbox)
-    message = await command(sandbox, ALICE, REQUEST)
+async def test_triggers_not_holding(box: Sandbox) -> None:
+    box.probes.status["auth"] = 200  # the auth provider is healthy
+    before = await world(box)
+    message = await command(box, ALICE, REQUEST)
     assert "primary-auth-down" in message and "does not hold" in message
     assert "HTTP 200" in message and "normal access path" in message
-    after = await world(sandbox)
+    after = await world(box)
     assert after.requests == before.requests and after.tokens == 0
     assert after.decisions == before.decisions
     # The one side effect: the refusal is posted to the incident channel and audited.
-    refused = incident_posts(sandbox, "refused")
+    refused = incident_posts(box, "refused")
     assert len(refused) == 1 and f"<@{ALICE}>" in refused[0] and "INC-4521" in refused[0]
     assert after.outbox == before.outbox + 1
-    assert any("trigger_not_holding" in d for d in await refusal_events(sandbox))
+    assert any("trigger_not_holding" in d for d in await refusal_events(box))
 
 
 async def test_hanging_probe_refuses_after_its_timeout(make_box: MakeBox) -> None:
@@ -229,39 +237,39 @@ triggers = ["cache-up"]
 # --------------------------------------------------------------------------- clicks
 
 
-async def test_approver_clicking_twice(sandbox: Sandbox) -> None:
-    rid = await open_request(sandbox)
-    await click(sandbox, BOB, "bg_approve", rid)
-    await refused_unchanged(sandbox, lambda: click(sandbox, BOB, "bg_approve", rid),
+async def test_approver_clicking_twice(box: Sandbox) -> None:
+    rid = await open_request(box)
+    await click(box, BOB, "bg_approve", rid)
+    await refused_unchanged(box, lambda: click(box, BOB, "bg_approve", rid),
                             "already approved", "counts once")
-    await refused_unchanged(sandbox, lambda: click(sandbox, BOB, "bg_deny", rid),
+    await refused_unchanged(box, lambda: click(box, BOB, "bg_deny", rid),
                             "already")
 
 
-async def test_requester_approving_own_request(sandbox: Sandbox) -> None:
-    rid = await open_request(sandbox, BOB)  # BOB is on call and an SRE lead
-    await refused_unchanged(sandbox, lambda: click(sandbox, BOB, "bg_approve", rid),
+async def test_requester_approving_own_request(box: Sandbox) -> None:
+    rid = await open_request(box, BOB)  # BOB is on call and an SRE lead
+    await refused_unchanged(box, lambda: click(box, BOB, "bg_approve", rid),
                             "yourself", "Another approver")
 
 
-async def test_outsider_clicking(sandbox: Sandbox) -> None:
-    rid = await open_request(sandbox)
+async def test_outsider_clicking(box: Sandbox) -> None:
+    rid = await open_request(box)
     for action in ("bg_approve", "bg_deny"):
-        await refused_unchanged(sandbox, lambda a=action: click(sandbox, MALLORY, a, rid),
+        await refused_unchanged(box, lambda a=action: click(box, MALLORY, a, rid),
                                 "Only members of the approver groups", "sre-leads")
-    await refused_unchanged(sandbox, lambda: click(sandbox, ALICE, "bg_approve", rid),
+    await refused_unchanged(box, lambda: click(box, ALICE, "bg_approve", rid),
                             "yourself")
 
 
-async def test_click_on_denied_request_and_stale_deny(sandbox: Sandbox) -> None:
-    rid = await open_request(sandbox)
-    await click(sandbox, BOB, "bg_deny", rid)
-    await refused_unchanged(sandbox, lambda: click(sandbox, CAROL, "bg_approve", rid),
+async def test_click_on_denied_request_and_stale_deny(box: Sandbox) -> None:
+    rid = await open_request(box)
+    await click(box, BOB, "bg_deny", rid)
+    await refused_unchanged(box, lambda: click(box, CAROL, "bg_approve", rid),
                             "already denied", "nothing to decide")
     # CAROL's Slack still shows the old card with its buttons and she clicks Deny on it.
-    await refused_unchanged(sandbox, lambda: click(sandbox, CAROL, "bg_deny", rid),
+    await refused_unchanged(box, lambda: click(box, CAROL, "bg_deny", rid),
                             "already denied")
-    assert len(incident_posts(sandbox, "denied")) == 1
+    assert len(incident_posts(box, "denied")) == 1
 
 
 async def test_click_on_expired_request(make_box: MakeBox) -> None:
@@ -275,41 +283,41 @@ async def test_click_on_expired_request(make_box: MakeBox) -> None:
                             "already expired", "nothing to decide")
 
 
-async def test_click_on_issued_request(sandbox: Sandbox) -> None:
-    rid = await open_request(sandbox)
-    await click(sandbox, BOB, "bg_approve", rid)
-    await click(sandbox, CAROL, "bg_approve", rid)
-    await refused_unchanged(sandbox, lambda: click(sandbox, DAVE, "bg_approve", rid),
+async def test_click_on_issued_request(box: Sandbox) -> None:
+    rid = await open_request(box)
+    await click(box, BOB, "bg_approve", rid)
+    await click(box, CAROL, "bg_approve", rid)
+    await refused_unchanged(box, lambda: click(box, DAVE, "bg_approve", rid),
                             "already issued")
-    assert len(incident_posts(sandbox, "issued")) == 1
+    assert len(incident_posts(box, "issued")) == 1
 
 
-async def test_unknown_action_id(sandbox: Sandbox) -> None:
-    rid = await open_request(sandbox)
-    await refused_unchanged(sandbox, lambda: click(sandbox, BOB, "bg_approve_all", rid),
+async def test_unknown_action_id(box: Sandbox) -> None:
+    rid = await open_request(box)
+    await refused_unchanged(box, lambda: click(box, BOB, "bg_approve_all", rid),
                             "not one breakglass knows", "Nothing was changed")
 
 
-async def test_reveal_by_someone_else_and_a_second_reveal(sandbox: Sandbox) -> None:
-    rid = await open_request(sandbox)
-    await click(sandbox, BOB, "bg_approve", rid)
-    await click(sandbox, CAROL, "bg_approve", rid)
-    dm = sandbox.emulator.messages(ALICE)[-1]
+async def test_reveal_by_someone_else_and_a_second_reveal(box: Sandbox) -> None:
+    rid = await open_request(box)
+    await click(box, BOB, "bg_approve", rid)
+    await click(box, CAROL, "bg_approve", rid)
+    dm = box.emulator.messages(ALICE)[-1]
 
     async def reveal(user: str) -> str:
-        resp = await timed(sandbox.slack.click(user, "bg_reveal", rid, channel_id=dm.channel,
+        resp = await timed(box.slack.click(user, "bg_reveal", rid, channel_id=dm.channel,
                                                message_ts=dm.ts))
-        await sandbox.settle()
-        return seen(sandbox, resp)
+        await box.settle()
+        return seen(box, resp)
 
-    views = len(sandbox.emulator.views)
-    await refused_unchanged(sandbox, lambda: reveal(BOB), "Only the requester")
-    assert len(sandbox.emulator.views) == views
+    views = len(box.emulator.views)
+    await refused_unchanged(box, lambda: reveal(BOB), "Only the requester")
+    assert len(box.emulator.views) == views
     await reveal(ALICE)
-    assert len(sandbox.emulator.views) == views + 1
-    await refused_unchanged(sandbox, lambda: reveal(ALICE), "already revealed",
+    assert len(box.emulator.views) == views + 1
+    await refused_unchanged(box, lambda: reveal(ALICE), "already revealed",
                             "make a new request")
-    assert len(sandbox.emulator.views) == views + 1
+    assert len(box.emulator.views) == views + 1
 
 
 # ---------------------------------------------------------------------------- modal
@@ -330,40 +338,40 @@ def modal_values(scope: str, duration: str, reason: str) -> dict[str, Any]:
     (ALICE, "payments-wrte", "30m", "INC-4521 down", "scope", "/breakglass scopes"),
     (MALLORY, "payments-write", "30m", "INC-4521 down", "scope", "Ask one of its members"),
 ])
-async def test_modal_bad_input(sandbox: Sandbox, user: str, scope: str, duration: str,
+async def test_modal_bad_input(box: Sandbox, user: str, scope: str, duration: str,
                                reason: str, field: str, expected: str) -> None:
     async def submit() -> str:
-        resp = await timed(sandbox.slack.submit_view(user, "bg_request_modal",
+        resp = await timed(box.slack.submit_view(user, "bg_request_modal",
                                                      modal_values(scope, duration, reason)))
-        await sandbox.settle()
+        await box.settle()
         assert resp.json["response_action"] == "errors"
         return str(resp.json["errors"].get(field, resp.json["errors"]))
 
-    await refused_unchanged(sandbox, submit, expected)
+    await refused_unchanged(box, submit, expected)
 
 
 # --------------------------------------------------------------------------- revoke
 
 
-async def test_revoke_unknown_id(sandbox: Sandbox) -> None:
-    await open_request(sandbox)
-    await refused_unchanged(sandbox, lambda: command(sandbox, ALICE, "revoke RZZZZZZZ"),
+async def test_revoke_unknown_id(box: Sandbox) -> None:
+    await open_request(box)
+    await refused_unchanged(box, lambda: command(box, ALICE, "revoke RZZZZZZZ"),
                             "no request or token `RZZZZZZZ`", "/breakglass status")
 
 
-async def test_revoke_by_outsider(sandbox: Sandbox) -> None:
-    rid = await open_request(sandbox)
-    await click(sandbox, BOB, "bg_approve", rid)
-    await click(sandbox, CAROL, "bg_approve", rid)
-    await refused_unchanged(sandbox, lambda: command(sandbox, MALLORY, f"revoke {rid}"),
+async def test_revoke_by_outsider(box: Sandbox) -> None:
+    rid = await open_request(box)
+    await click(box, BOB, "bg_approve", rid)
+    await click(box, CAROL, "bg_approve", rid)
+    await refused_unchanged(box, lambda: command(box, MALLORY, f"revoke {rid}"),
                             "Only the requester", "or an approver")
-    async with sandbox.bot.db.read() as conn:
+    async with box.bot.db.read() as conn:
         state = await conn.scalar(select(requests.c.state).where(requests.c.id == rid))
     assert state == "issued"
 
 
-async def test_revoke_without_id(sandbox: Sandbox) -> None:
-    await refused_unchanged(sandbox, lambda: command(sandbox, ALICE, "revoke"),
+async def test_revoke_without_id(box: Sandbox) -> None:
+    await refused_unchanged(box, lambda: command(box, ALICE, "revoke"),
                             "Say which token or request to revoke", "/breakglass revoke ID")
 
 
@@ -371,27 +379,27 @@ async def test_revoke_without_id(sandbox: Sandbox) -> None:
 
 
 @pytest.mark.parametrize("fault", ["http_500", "ok_false"])
-async def test_slack_api_failure_is_retried_and_nothing_lost(sandbox: Sandbox,
+async def test_slack_api_failure_is_retried_and_nothing_lost(box: Sandbox,
                                                              fault: str) -> None:
-    emu = sandbox.emulator
+    emu = box.emulator
     if fault == "http_500":
         emu.fail("chat.postMessage", 500, times=2)
     else:
         emu.error("chat.postMessage", "internal_error", times=2)
-    await timed(sandbox.slack.command(ALICE, REQUEST))
-    await sandbox.bot.idle()
-    await sandbox.settle(timeout=10)
+    await timed(box.slack.command(ALICE, REQUEST))
+    await box.bot.idle()
+    await box.settle(timeout=10)
 
     assert [c.fault for c in emu.calls_to("chat.postMessage")][:2] == [
         "http_500" if fault == "http_500" else "error:internal_error"] * 2
-    rid = sandbox.latest_request_id()
+    rid = box.latest_request_id()
     cards = [m for m in emu.messages(REVIEWS) if f"request {rid}" in m.text]
     assert len(cards) == 1  # delivered, and not twice
-    assert len(incident_posts(sandbox, "requested")) == 1
-    async with sandbox.bot.db.read() as conn:
+    assert len(incident_posts(box, "requested")) == 1
+    async with box.bot.db.read() as conn:
         statuses = (await conn.execute(select(outbox.c.status))).scalars().all()
     assert statuses and set(statuses) == {"sent"}
 
     # The card that arrived late still works.
-    await click(sandbox, BOB, "bg_approve", rid)
-    assert "1 more" in str(sandbox.card(rid).blocks)
+    await click(box, BOB, "bg_approve", rid)
+    assert "1 more" in str(box.card(rid).blocks)

@@ -73,7 +73,7 @@ def test_empty_is_rejected() -> None:
 def test_zero_is_rejected(text: str) -> None:
     with pytest.raises(DurationError) as info:
         parse_duration(text)
-    assert str(info.value) == "duration must be longer than 0s"
+    assert str(info.value) == "duration must be longer than 0s: write it like 90s, 15m, 1h or 1h30m"
 
 
 @pytest.mark.parametrize("text", ["168h1s", "169h", "10081m", "999999999h", "1" * 40 + "h"])

@@ -254,7 +254,7 @@ def test_bad_duration() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("0s", "duration must be longer than 0s"),
+        ("0s", "duration must be longer than 0s: write it like 90s, 15m, 1h or 1h30m"),
         (30, 'must be a duration in quotes, like "15m" (got 30)'),
         ("8d", "'8d' is not a duration: write it like 90s, 15m, 1h or 1h30m"),
         ("200h", "'200h' is too long: a duration can be at most 168h (7 days)"),

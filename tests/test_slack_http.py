@@ -7,10 +7,12 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
+import pytest
 from sqlalchemy import func, select
 
 from bot.emulator import SentRequest
@@ -23,6 +25,14 @@ FORM = "application/x-www-form-urlencoded"
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+async def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    """The conftest sandbox, with ES256 keys: generated in a millisecond where an RSA key
+    takes half a second, and these tests do not look at the signing algorithm."""
+    async with Sandbox(directory=tmp_path, algorithm="ES256") as started:
+        yield started
 
 
 def command_body(box: Sandbox, text: str = REQUEST, user: str = ALICE) -> bytes:
@@ -75,107 +85,107 @@ async def raw_http(url: str, head: bytes, body: bytes) -> tuple[int, bytes]:
 # ------------------------------------------------------------------------ signatures
 
 
-async def test_valid_signed_command_is_acted_on(sandbox: Sandbox) -> None:
+async def test_valid_signed_command_is_acted_on(box: Sandbox) -> None:
     """The control case for everything below: the same helpers, correctly signed."""
-    body = command_body(sandbox)
-    resp = await post(sandbox, body, signed(sandbox, body))
+    body = command_body(box)
+    resp = await post(box, body, signed(box, body))
     assert resp.status == 200 and resp.json["response_type"] == "ephemeral"
-    await sandbox.settle()
-    assert await request_count(sandbox) == 1
+    await box.settle()
+    assert await request_count(box) == 1
 
 
-async def test_bad_signature(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
+async def test_bad_signature(box: Sandbox) -> None:
+    body = command_body(box)
     ts = str(int(time.time()))
     headers = {"X-Slack-Request-Timestamp": ts, "Content-Type": FORM,
                "X-Slack-Signature": compute_signature("not-the-secret", ts, body)}
-    await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+    await assert_refused(box, await post(box, body, headers), 401)
     # Signed for another body.
-    headers = signed(sandbox, command_body(sandbox, "help"))
-    await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+    headers = signed(box, command_body(box, "help"))
+    await assert_refused(box, await post(box, body, headers), 401)
 
 
-async def test_missing_signature_headers(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
-    full = signed(sandbox, body)
+async def test_missing_signature_headers(box: Sandbox) -> None:
+    body = command_body(box)
+    full = signed(box, body)
     for drop in ("X-Slack-Signature", "X-Slack-Request-Timestamp"):
         headers = {k: v for k, v in full.items() if k != drop}
-        await assert_refused(sandbox, await post(sandbox, body, headers), 401)
-    await assert_refused(sandbox, await post(sandbox, body, {"Content-Type": FORM}), 401)
+        await assert_refused(box, await post(box, body, headers), 401)
+    await assert_refused(box, await post(box, body, {"Content-Type": FORM}), 401)
 
 
-async def test_stale_timestamp(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
+async def test_stale_timestamp(box: Sandbox) -> None:
+    body = command_body(box)
     for ts in (int(time.time()) - 301, int(time.time()) - 3600, int(time.time()) + 3600):
-        await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body,
+        await assert_refused(box, await post(box, body, signed(box, body,
                                                                        timestamp=ts)), 401)
 
 
-async def test_timestamp_not_a_number(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
+async def test_timestamp_not_a_number(box: Sandbox) -> None:
+    body = command_body(box)
     for ts in ("abc", "", "1e9", "-5", " 1700000000", "9" * 40):
-        headers = signed(sandbox, body)
+        headers = signed(box, body)
         headers["X-Slack-Request-Timestamp"] = ts
-        await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+        await assert_refused(box, await post(box, body, headers), 401)
 
 
-async def test_non_ascii_signature_header(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
+async def test_non_ascii_signature_header(box: Sandbox) -> None:
+    body = command_body(box)
     ts = str(int(time.time()))
     # Through aiohttp, as a client library would send it.
     headers = {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": "v0=é",
                "Content-Type": FORM}
-    await assert_refused(sandbox, await post(sandbox, body, headers), 401)
+    await assert_refused(box, await post(box, body, headers), 401)
     # Byte for byte: UTF-8 and a lone Latin-1 byte in the header value.
     for value in ("v0=é".encode(), b"v0=\xe9\xff", "v0=☃".encode() * 30):
         head = (b"X-Slack-Request-Timestamp: " + ts.encode() + b"\r\nX-Slack-Signature: "
                 + value + b"\r\nContent-Type: " + FORM.encode() + b"\r\n")
-        status, answer = await raw_http(sandbox.slack.app_url, head, body)
+        status, answer = await raw_http(box.slack.app_url, head, body)
         assert status == 401, (status, answer)
         assert json.loads(answer)["message"]
-    await sandbox.settle()
-    assert await request_count(sandbox) == 0
+    await box.settle()
+    assert await request_count(box) == 0
 
 
 # ------------------------------------------------------------------ replay and retry
 
 
-async def test_byte_identical_replay_is_not_acted_on_twice(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
-    headers = signed(sandbox, body)
-    first = await post(sandbox, body, headers)
+async def test_byte_identical_replay_is_not_acted_on_twice(box: Sandbox) -> None:
+    body = command_body(box)
+    headers = signed(box, body)
+    first = await post(box, body, headers)
     assert first.status == 200 and first.json["response_type"] == "ephemeral"
-    await sandbox.settle()
-    second = await post(sandbox, body, headers)
+    await box.settle()
+    second = await post(box, body, headers)
     assert second.status == 200
-    await sandbox.settle()
-    assert await request_count(sandbox) == 1
-    assert len(sandbox.emulator.responses) == 1  # one reply, to the first delivery only
+    await box.settle()
+    assert await request_count(box) == 1
+    assert len(box.emulator.responses) == 1  # one reply, to the first delivery only
 
 
-async def test_slack_retry_is_answered_but_not_acted_on(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
-    headers = signed(sandbox, body, **{"X-Slack-Retry-Num": "1",
+async def test_slack_retry_is_answered_but_not_acted_on(box: Sandbox) -> None:
+    body = command_body(box)
+    headers = signed(box, body, **{"X-Slack-Retry-Num": "1",
                                        "X-Slack-Retry-Reason": "http_timeout"})
-    resp = await post(sandbox, body, headers)
+    resp = await post(box, body, headers)
     assert resp.status == 200
-    await sandbox.settle()
-    assert await request_count(sandbox) == 0
-    assert sandbox.emulator.responses == []
+    await box.settle()
+    assert await request_count(box) == 0
+    assert box.emulator.responses == []
 
 
 # ---------------------------------------------------------------------------- bodies
 
 
-async def test_body_over_one_mebibyte(sandbox: Sandbox) -> None:
-    body = command_body(sandbox) + b"&pad=" + b"a" * (1024 * 1024)
-    await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 413)
+async def test_body_over_one_mebibyte(box: Sandbox) -> None:
+    body = command_body(box) + b"&pad=" + b"a" * (1024 * 1024)
+    await assert_refused(box, await post(box, body, signed(box, body)), 413)
 
 
-async def test_large_body_under_the_limit_is_read_whole(sandbox: Sandbox) -> None:
+async def test_large_body_under_the_limit_is_read_whole(box: Sandbox) -> None:
     """A signed body of 500 KiB (with Content-Length) is within the 1 MiB limit."""
-    body = command_body(sandbox, "help") + b"&pad=" + b"a" * (500 * 1024)
-    resp = await post(sandbox, body, signed(sandbox, body))
+    body = command_body(box, "help") + b"&pad=" + b"a" * (500 * 1024)
+    resp = await post(box, body, signed(box, body))
     assert resp.status == 200, resp.body
     assert "Usage" in resp.json["text"]
 
@@ -187,53 +197,53 @@ async def streamed(body: bytes, size: int = 65536) -> AsyncIterator[bytes]:
         await asyncio.sleep(0.01)
 
 
-async def test_streamed_body_over_one_mebibyte(sandbox: Sandbox) -> None:
-    body = command_body(sandbox) + b"&pad=" + b"a" * (1024 * 1024)
-    resp = await post(sandbox, streamed(body), signed(sandbox, body))
-    await assert_refused(sandbox, resp, 413)
+async def test_streamed_body_over_one_mebibyte(box: Sandbox) -> None:
+    body = command_body(box) + b"&pad=" + b"a" * (1024 * 1024)
+    resp = await post(box, streamed(body), signed(box, body))
+    await assert_refused(box, resp, 413)
 
 
-async def test_streamed_signed_command_is_read_whole(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
-    resp = await post(sandbox, streamed(body, size=40), signed(sandbox, body))
+async def test_streamed_signed_command_is_read_whole(box: Sandbox) -> None:
+    body = command_body(box)
+    resp = await post(box, streamed(body, size=40), signed(box, body))
     assert resp.status == 200, resp.body
-    await sandbox.settle()
-    assert await request_count(sandbox) == 1
+    await box.settle()
+    assert await request_count(box) == 1
 
 
-async def test_empty_body(sandbox: Sandbox) -> None:
-    await assert_refused(sandbox, await post(sandbox, b"", signed(sandbox, b"")), 400)
+async def test_empty_body(box: Sandbox) -> None:
+    await assert_refused(box, await post(box, b"", signed(box, b"")), 400)
 
 
-async def test_json_body(sandbox: Sandbox) -> None:
+async def test_json_body(box: Sandbox) -> None:
     body = json.dumps({"command": "/breakglass", "text": REQUEST, "user_id": ALICE}).encode()
-    headers = signed(sandbox, body, content_type="application/json")
-    await assert_refused(sandbox, await post(sandbox, body, headers), 400)
+    headers = signed(box, body, content_type="application/json")
+    await assert_refused(box, await post(box, body, headers), 400)
 
 
-async def test_form_that_is_neither_command_nor_payload(sandbox: Sandbox) -> None:
+async def test_form_that_is_neither_command_nor_payload(box: Sandbox) -> None:
     body = b"hello=world"
-    await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 400)
+    await assert_refused(box, await post(box, body, signed(box, body)), 400)
 
 
-async def test_invalid_json_in_payload(sandbox: Sandbox) -> None:
+async def test_invalid_json_in_payload(box: Sandbox) -> None:
     for raw in ("{not json", "", "{\"type\": \"block_actions\"", "\udcff"):
         body = urlencode({"payload": raw}, errors="surrogateescape").encode()
-        await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 400)
+        await assert_refused(box, await post(box, body, signed(box, body)), 400)
 
 
-async def test_payload_json_not_an_object(sandbox: Sandbox) -> None:
+async def test_payload_json_not_an_object(box: Sandbox) -> None:
     for raw in ("[1, 2]", "42", "\"block_actions\"", "null", "{}", "{\"type\": 7}"):
         body = urlencode({"payload": raw}).encode()
-        await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 400)
+        await assert_refused(box, await post(box, body, signed(box, body)), 400)
 
 
-async def test_body_not_utf8(sandbox: Sandbox) -> None:
+async def test_body_not_utf8(box: Sandbox) -> None:
     body = b"command=%2Fbreakglass&text=\xff\xfe"
-    await assert_refused(sandbox, await post(sandbox, body, signed(sandbox, body)), 400)
+    await assert_refused(box, await post(box, body, signed(box, body)), 400)
 
 
-async def test_interaction_payload_of_unexpected_shape_is_not_a_500(sandbox: Sandbox) -> None:
+async def test_interaction_payload_of_unexpected_shape_is_not_a_500(box: Sandbox) -> None:
     """Signed, valid JSON object, but not the shape Slack sends: never a 500."""
     shapes: list[dict[str, Any]] = [
         {"type": "block_actions"},
@@ -249,31 +259,31 @@ async def test_interaction_payload_of_unexpected_shape_is_not_a_500(sandbox: San
     answers = []
     for shape in shapes:
         body = urlencode({"payload": json.dumps(shape)}).encode()
-        resp = await post(sandbox, body, signed(sandbox, body))
+        resp = await post(box, body, signed(box, body))
         answers.append((resp.status, shape))
     assert [a for a in answers if a[0] >= 500] == []
-    await sandbox.settle()
-    assert await request_count(sandbox) == 0
+    await box.settle()
+    assert await request_count(box) == 0
 
 
 # ---------------------------------------------------------------- health and metrics
 
 
-async def test_healthz(sandbox: Sandbox) -> None:
+async def test_healthz(box: Sandbox) -> None:
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{sandbox.url}/healthz") as resp:
+        async with session.get(f"{box.url}/healthz") as resp:
             assert resp.status == 200
             assert resp.content_type == "application/json"
             body = await resp.json()
     assert body["status"] == "ok" and body["database"] is True
 
 
-async def test_metrics(sandbox: Sandbox) -> None:
-    body = command_body(sandbox)
-    await post(sandbox, body, signed(sandbox, body))
-    await sandbox.settle()
+async def test_metrics(box: Sandbox) -> None:
+    body = command_body(box)
+    await post(box, body, signed(box, body))
+    await box.settle()
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{sandbox.url}/metrics") as resp:
+        async with session.get(f"{box.url}/metrics") as resp:
             assert resp.status == 200
             assert resp.content_type == "text/plain"
             text = await resp.text()

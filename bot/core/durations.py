@@ -58,7 +58,7 @@ def parse_duration(text: str) -> timedelta:
     hours, minutes, seconds = (int(part) if part else 0 for part in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
-        raise DurationError("duration must be longer than 0s")
+        raise DurationError("duration must be longer than 0s: write it like 90s, 15m, 1h or 1h30m")
     if total > _MAX_SECONDS:
         raise DurationError(
             f"{_shown(text)} is too long: a duration can be at most "
