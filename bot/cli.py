@@ -76,8 +76,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     from .keys import WrongMasterKey
-    from .runtime import Runtime
+    from .runtime import AppTokenRefused, Runtime
 
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     rt = Runtime(settings, policy, policy_text=policy_text)
     try:
         await rt.start()
@@ -85,15 +90,14 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
         raise Exit(2, str(exc)) from None
     port = await rt.serve_http()
     if settings.socket_mode:
-        await rt.start_socket_mode()
+        try:
+            await rt.start_socket_mode()
+        except AppTokenRefused as exc:
+            await rt.stop(drain_seconds=2.0)
+            raise Exit(2, str(exc)) from None
         log.info("breakglass in Socket Mode; health and token endpoints on port %s", port)
     else:
         log.info("breakglass listening on %s:%s (POST /slack/events)", settings.host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: draining requests and the outbox (up to 10s)")
     await rt.stop(drain_seconds=10.0)

@@ -31,6 +31,12 @@ from .triggers import Prober
 log = logging.getLogger(__name__)
 
 AUDIT_KEY_NAME = "audit-mac"
+APP_TOKEN_REFUSED = {"invalid_auth", "not_authed", "not_allowed_token_type", "token_revoked",
+                     "token_expired", "account_inactive"}
+
+
+class AppTokenRefused(Exception):
+    """Slack refused SLACK_APP_TOKEN; the message names it and says what to do."""
 
 
 def slack_client(settings: Settings) -> AsyncWebClient:
@@ -55,6 +61,7 @@ class Runtime:
         self._stop = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._socket: Any = None
+        self._connecting: asyncio.Task[Any] | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -96,10 +103,29 @@ class Runtime:
         return int(self.port or 0)
 
     async def start_socket_mode(self) -> None:
+        """Check the app-level token once, then connect in the background (the SDK
+        retries and reconnects by itself). AppTokenRefused if Slack refuses the token."""
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+        from slack_sdk.errors import SlackApiError
 
+        url = None
+        try:
+            opened = await asyncio.wait_for(
+                self.client.apps_connections_open(app_token=self.settings.app_token), 5)
+            url = opened["url"]
+        except SlackApiError as exc:
+            error = exc.response.get("error") if exc.response is not None else None
+            if error in APP_TOKEN_REFUSED:
+                raise AppTokenRefused(
+                    f"SLACK_APP_TOKEN was refused by Slack ({error}): use an app-level token "
+                    "with the connections:write scope from your Slack app's Basic Information "
+                    "page") from None
+            log.warning("apps.connections.open failed (%s); Socket Mode keeps retrying", error)
+        except Exception as exc:  # noqa: BLE001 - network trouble: the SDK keeps retrying
+            log.warning("Slack unreachable (%s); Socket Mode keeps retrying", type(exc).__name__)
         self._socket = AsyncSocketModeHandler(self.bolt, self.settings.app_token)
-        await self._socket.connect_async()
+        self._socket.client.wss_uri = url  # the SDK uses this URL first, then asks for new ones
+        self._connecting = asyncio.create_task(self._socket.connect_async())
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a listener's slow part after the ack. A Slack request's work runs only if
@@ -148,6 +174,10 @@ class Runtime:
 
     async def stop(self, drain_seconds: float = 10.0) -> None:
         """Stop taking requests, finish what is in flight, flush the outbox, close."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connecting
         if self._socket is not None:
             with contextlib.suppress(Exception):
                 await self._socket.close_async()

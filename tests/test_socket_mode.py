@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import secrets
@@ -369,6 +370,30 @@ async def test_sigterm_exits_0_within_12s_and_closes_the_socket(
     assert_no_secrets(bot.log(), *world.secrets())
 
 
+async def test_refused_app_token_is_reported_or_sigterm_still_exits_0(world: World) -> None:
+    """Slack refuses the app token (revoked, or from another app). Either `serve` says so and
+    exits 2 naming SLACK_APP_TOKEN, or it keeps running and SIGTERM stops it cleanly (0).
+    Being killed by the signal (the handler not installed yet) is neither."""
+    emu = world.emulator
+    emu.app_token = "xapp-" + secrets.token_hex(16)  # Slack knows another token
+    proc = await BotProcess(world, world.env()).start()
+    try:
+        await emu.wait_for(lambda: bool(emu.calls_to("apps.connections.open")), timeout=STARTUP)
+        assert proc.proc is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.proc.wait(), 3.0)
+        if proc.proc.returncode is not None:
+            assert proc.proc.returncode == 2, proc.log()
+            assert "SLACK_APP_TOKEN" in proc.log().strip().splitlines()[-1]
+        else:
+            rc, seconds = await proc.terminate(timeout=12.0)
+            assert rc == 0, f"serve exited {rc} on SIGTERM:\n{proc.log()}"
+            assert seconds < 12.0
+        assert_no_secrets(proc.log(), *world.secrets())
+    finally:
+        await proc.kill()
+
+
 # --------------------------------------------------------------------------- start-up checks
 
 
@@ -485,7 +510,7 @@ async def test_emulator_connections_open_takes_only_the_app_token() -> None:
         assert err.value.response["error"] == "not_allowed_token_type"
 
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(url) as ws:
+            async with session.ws_connect(url, autoping=False) as ws:  # as slack_sdk does
                 hello = await ws.receive_json(timeout=2)
                 assert hello["type"] == "hello" and hello["connection_info"]["app_id"]
                 await emu.wait_socket(timeout=2)

@@ -29,6 +29,8 @@ def verify_signature(
     Every malformed input (missing header, a timestamp that is not a number,
     non-ASCII bytes in the signature) is a SignatureError, never another exception.
     """
+    if not secret:
+        raise SignatureError("no signing secret is configured")
     if not timestamp or not signature:
         raise SignatureError("missing X-Slack-Request-Timestamp or X-Slack-Signature")
     if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
