@@ -33,6 +33,8 @@ BOT = ROOT / "bot"
 # Add a row when the code starts calling a new method.
 SCOPES_FOR_METHOD: dict[str, frozenset[str]] = {
     "auth.test": frozenset(),  # Bolt calls it on its own; no scope
+    # Socket Mode: called with the app-level token (scope connections:write), not a bot scope.
+    "apps.connections.open": frozenset(),
     "chat.postMessage": frozenset({"chat:write"}),  # a user ID as channel = the app's DM
     "chat.update": frozenset({"chat:write"}),
     "chat.postEphemeral": frozenset({"chat:write"}),
