@@ -175,8 +175,7 @@ async def _audit(args: argparse.Namespace) -> int:
     db = Database(url)
     try:
         await db.create_schema()
-        from .keys import WrongMasterKey, sealed_secret
-        from .runtime import AUDIT_KEY_NAME
+        from .keys import AUDIT_KEY_NAME, WrongMasterKey, sealed_secret
 
         try:
             key = await sealed_secret(db, master, AUDIT_KEY_NAME)

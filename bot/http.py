@@ -40,6 +40,8 @@ _JWKS_CACHE: weakref.WeakKeyDictionary[Runtime, tuple[float, float, str, bytes]]
     weakref.WeakKeyDictionary())
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _NO_CLIENT = "0" * 64  # compared against when the client id is unknown: same work
+_ACTIVE = metrics.INTROSPECTIONS.labels(active="true")
+_INACTIVE = metrics.INTROSPECTIONS.labels(active="false")
 
 
 def build_web_app(rt: Runtime) -> web.Application:
@@ -97,8 +99,11 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
     if not rt.replay_guard.first_time_here(signature):
         log.warning("replayed Slack request ignored")
         return web.Response(status=200)
-    bolt_req = AsyncBoltRequest(body=text, query=request.query_string,
-                                headers=dict(request.headers))
+    try:
+        bolt_req = AsyncBoltRequest(body=text, query=request.query_string,
+                                    headers=dict(request.headers))
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return _problem(400, "bad_body", "The payload is not a Slack request this app understands.")
     token = SLACK_SIGNATURE.set(signature)  # background work checks it across processes
     try:
         bolt_resp = await rt.bolt.async_dispatch(bolt_req)
@@ -126,15 +131,22 @@ def _check_slack_body(text: str, content_type: str) -> str | None:
             return "The payload field is not a Slack interaction payload."
         return _check_payload_shape(payload)
     if "command" in form:
+        if not form.get("user_id", [""])[0]:
+            return "A slash command needs a user_id."
         return None
     return "Neither a slash command nor an interaction payload."
 
 
 def _check_payload_shape(payload: dict[str, Any]) -> str | None:
-    """The fields our listeners read must have the types Slack gives them."""
+    """The fields our listeners and Bolt read must have the types Slack gives them."""
+    for name in ("team", "enterprise", "channel", "container", "message", "view"):
+        if payload.get(name) is not None and not isinstance(payload[name], dict):
+            return f"payload.{name} must be an object."
+    if not isinstance(payload.get("response_url", ""), str):
+        return "payload.response_url must be a string."
     user = payload.get("user")
-    if "user" in payload and not (isinstance(user, dict) and isinstance(user.get("id"), str)):
-        return "payload.user must be an object with a string id."
+    if not (isinstance(user, dict) and isinstance(user.get("id"), str) and user["id"]):
+        return "payload.user must be an object with a non-empty string id."
     if payload["type"] == "block_actions":
         actions = payload.get("actions")
         if not isinstance(actions, list) or not actions or not all(
@@ -224,8 +236,10 @@ async def _token_form(request: web.Request) -> str | None:
     no such field; "" when the body is too large (so it reads as no valid token)."""
     if request.content_type != "application/x-www-form-urlencoded":
         return None
-    if request.content_length is not None and request.content_length > MAX_FORM_BODY:
-        return ""
+    if request.content_length is not None:
+        if request.content_length > MAX_FORM_BODY:
+            return ""
+        return _token_field(await request.read())
     chunks: list[bytes] = []
     size = 0
     while True:  # StreamReader.read(n) may return less than n: read until EOF
@@ -236,8 +250,15 @@ async def _token_form(request: web.Request) -> str | None:
         size += len(chunk)
         if size > MAX_FORM_BODY:
             return ""
+    return _token_field(b"".join(chunks))
+
+
+def _token_field(body: bytes) -> str | None:
+    if body.startswith(b"token=") and body.isascii() and not (
+            b"&" in body or b"%" in body or b"+" in body):
+        return body[6:].decode("ascii")  # the usual body, nothing escaped: as parse_qs would
     try:
-        form = parse_qs(b"".join(chunks).decode("utf-8"), keep_blank_values=True)
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True)
     except UnicodeDecodeError:
         return ""
     values = form.get("token")
@@ -257,8 +278,12 @@ async def introspect(request: web.Request) -> web.Response:
     token = await _token_form(request)
     if token is None:
         return _invalid_request("a form-encoded body with a token field is required")
-    body = await rt.introspector.introspect_json(token, *auth)
-    metrics.INTROSPECTIONS.labels(active="false" if body is INACTIVE_BODY else "true").inc()
+    try:
+        body = await rt.introspector.introspect_json(token, *auth)
+    except Exception as exc:  # noqa: BLE001 - the database is unreachable, say: not a 500
+        log.error("introspection failed: %s: %s", type(exc).__name__, exc)
+        return _unavailable()
+    (_ACTIVE if body is not INACTIVE_BODY else _INACTIVE).inc()
     return web.Response(body=body, content_type="application/json", headers=_NO_STORE)
 
 
@@ -272,5 +297,15 @@ async def revoke(request: web.Request) -> web.Response:
     if token is None:
         return _invalid_request("a form-encoded body with a token field is required")
     if token:
-        await rt.introspector.revoke(token, *auth)
+        try:
+            await rt.introspector.revoke(token, *auth)
+        except Exception as exc:  # noqa: BLE001 - the database is unreachable: say so, not a 500
+            log.error("revocation failed: %s: %s", type(exc).__name__, exc)
+            return _unavailable()
     return web.Response(status=200, headers=_NO_STORE)
+
+
+def _unavailable() -> web.Response:
+    return _no_store({"error": "temporarily_unavailable",
+                      "error_description": "token state cannot be read or changed now; retry"},
+                     status=503)

@@ -350,6 +350,7 @@ class KeyRing:
 
 
 _SEALED_AAD = "sealed:"
+AUDIT_KEY_NAME = "audit-mac"
 
 
 async def sealed_secret(db: Database, master_key: str, name: str) -> bytes:

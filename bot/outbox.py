@@ -201,7 +201,13 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if await self.deliver_once() == 0 and await self.pending_count() == 0:
+            try:
+                # A hung Slack call must not stretch a shutdown past its budget: what is
+                # cut short stays leased and goes out after the lease, from the next start.
+                claimed = await asyncio.wait_for(self.deliver_once(), deadline - loop.time())
+            except TimeoutError:
+                break
+            if claimed == 0 and await self.pending_count() == 0:
                 return 0
             pause = 0.05
             if self._next_due is not None:
@@ -223,37 +229,22 @@ class Dispatcher:
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
-                log.error("outbox lane failed: %s: %s", type(result).__name__, result)
+                # The database's own error (it never holds token text); cut short.
+                log.error("outbox lane failed: %s: %s", type(result).__name__, str(result)[:300])
         return sum(len(rows) for rows in lanes)
 
     async def _claim(self) -> list[list[dict[str, Any]]]:
         now = self.clock.now()
-        rn = func.row_number().over(partition_by=outbox.c.lane, order_by=outbox.c.id).label("rn")
-        heads = select(outbox, rn).where(outbox.c.status == "pending").subquery()
+        # Idle rounds only read: no write lock unless something is due.
+        async with self.db.read() as conn:
+            by_lane, next_due = await self._due(conn, now)
+        if not by_lane:
+            self._next_due = next_due
+            return []
         async with self.db.transaction() as conn:
             if conn.dialect.name == "postgresql":
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_ID})
-            rows = (
-                await conn.execute(
-                    select(heads).where(heads.c.rn <= BATCH_PER_LANE)
-                    .order_by(heads.c.lane, heads.c.id)
-                )
-            ).mappings().all()
-            by_lane: dict[str, list[dict[str, Any]]] = {}
-            blocked: set[str] = set()
-            next_due: datetime | None = None
-            for row in rows:
-                lane = row["lane"]
-                if lane in blocked:
-                    continue
-                due = _aware(row["next_attempt_at"])
-                # A row that is not due (backoff, or leased by someone) holds its lane.
-                if due > now:
-                    blocked.add(lane)
-                    next_due = due if next_due is None else min(next_due, due)
-                    continue
-                by_lane.setdefault(lane, []).append(
-                    {k: row[k] for k in ("id", "lane", "kind", "payload", "attempts")})
+            by_lane, next_due = await self._due(conn, now)  # again, under the lock
             ids = [r["id"] for rs in by_lane.values() for r in rs]
             if ids:
                 await conn.execute(
@@ -262,6 +253,34 @@ class Dispatcher:
                 )
         self._next_due = next_due
         return [rs for rs in by_lane.values() if rs]
+
+    @staticmethod
+    async def _due(conn: AsyncConnection, now: datetime
+                   ) -> tuple[dict[str, list[dict[str, Any]]], datetime | None]:
+        """The first rows of every lane that are due, up to BATCH_PER_LANE, in order."""
+        rn = func.row_number().over(partition_by=outbox.c.lane, order_by=outbox.c.id).label("rn")
+        heads = select(outbox, rn).where(outbox.c.status == "pending").subquery()
+        rows = (
+            await conn.execute(
+                select(heads).where(heads.c.rn <= BATCH_PER_LANE).order_by(heads.c.lane, heads.c.id)
+            )
+        ).mappings().all()
+        by_lane: dict[str, list[dict[str, Any]]] = {}
+        blocked: set[str] = set()
+        next_due: datetime | None = None
+        for row in rows:
+            lane = row["lane"]
+            if lane in blocked:
+                continue
+            due = _aware(row["next_attempt_at"])
+            # A row that is not due (backoff, or leased by someone) holds its lane.
+            if due > now:
+                blocked.add(lane)
+                next_due = due if next_due is None else min(next_due, due)
+                continue
+            by_lane.setdefault(lane, []).append(
+                {k: row[k] for k in ("id", "lane", "kind", "payload", "attempts")})
+        return by_lane, next_due
 
     async def _deliver_lane(self, rows: list[dict[str, Any]]) -> None:
         for i, row in enumerate(rows):
@@ -396,8 +415,7 @@ class Dispatcher:
 
     async def _post_waiting(self, key: str, before: int) -> bool:
         """Is a post of `key` still pending (e.g. in another lane after a policy change)?"""
-        needle = json.dumps({"key": key})[1:-1]  # "key": "card:R..."
-        needle = needle.replace(": ", ":")
+        needle = '"key":' + json.dumps(key)  # as enqueue() writes it (compact JSON)
         escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         async with self.db.read() as conn:
             n = await conn.scalar(

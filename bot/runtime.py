@@ -13,13 +13,14 @@ from aiohttp import web
 from slack_sdk.web.async_client import AsyncWebClient
 
 from . import audit
+from .audit_publish import publish_head
 from .config import Settings
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
 from .directory import Directory
 from .http import SLACK_SIGNATURE, build_web_app
 from .introspection import Introspector
-from .keys import KeyRing, sealed_secret
+from .keys import AUDIT_KEY_NAME, KeyRing, sealed_secret
 from .outbox import Dispatcher
 from .service import Service
 from .slack.app import build_app
@@ -30,7 +31,6 @@ from .triggers import Prober
 
 log = logging.getLogger(__name__)
 
-AUDIT_KEY_NAME = "audit-mac"
 APP_TOKEN_REFUSED = {"invalid_auth", "not_authed", "not_allowed_token_type", "token_revoked",
                      "token_expired", "account_inactive"}
 
@@ -161,6 +161,8 @@ class Runtime:
             try:
                 await self.service.sweep()
                 await self.introspector.summarise_uses()
+                await publish_head(self.db, self.audit_key, self.clock,
+                                   self.policy.slack.incident_channel, wake=self.dispatcher.wake)
                 rounds += 1
                 if rounds % 60 == 0:
                     await self.replay_guard.prune()
@@ -182,6 +184,8 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await self._socket.close_async()
         if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()  # stop listening now; in-flight handlers finish
             await self._runner.shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_seconds
@@ -189,8 +193,8 @@ class Runtime:
             await asyncio.wait(list(self._tasks), timeout=max(0.1, deadline - loop.time()))
         self._stop.set()
         for t in self._loops:
-            with contextlib.suppress(Exception):
-                await t
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(t, max(0.1, deadline - loop.time()))
         left = await self.dispatcher.drain(max(0.1, deadline - loop.time()))
         if left:
             log.warning("%d Slack event(s) left in the outbox; they go out on next start", left)

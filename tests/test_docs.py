@@ -37,8 +37,7 @@ from bot.core.policy import (
     Trigger,
     load_policy,
 )
-from bot.keys import sealed_secret
-from bot.runtime import AUDIT_KEY_NAME
+from bot.keys import AUDIT_KEY_NAME, sealed_secret
 from bot.store.db import Database
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ from bot import audit
 from bot.core.kdf import new_master_key
 from bot.emulator import SentRequest, SlackEmulator, SlackSender
 from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, PEOPLE, REVIEWS, ProbeTarget, Sandbox, sandbox_policy
-from bot.store.schema import audit_log, decisions, requests
+from bot.store.schema import decisions, requests
 
 CROWD = [f"U0CROWD{i:02d}" for i in range(50)]
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
@@ -350,6 +350,3 @@ async def test_audit_chain_holds_after_two_processes_wrote_it(tmp_path: Path) ->
         await b.stop()
         await probes.stop()
         await emu.stop()
-
-
-_ = (audit_log,)  # the table the sqlite3 queries above read

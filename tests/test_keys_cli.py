@@ -4,6 +4,7 @@ them: `python -m bot keys ...` in a subprocess, configured by environment variab
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import subprocess
@@ -241,8 +242,9 @@ async def _jwks(box: Sandbox) -> list[dict[str, Any]]:
 
 
 async def _introspect(box: Sandbox, token: str) -> dict[str, Any]:
+    basic = base64.b64encode(f"payments-api:{box.client_secret}".encode()).decode()
     async with aiohttp.ClientSession() as s, s.post(
             f"{box.url}/oauth2/introspect", data={"token": token},
-            auth=aiohttp.BasicAuth("payments-api", box.client_secret)) as r:
+            headers={"Authorization": f"Basic {basic}"}) as r:
         answer: dict[str, Any] = await r.json()
         return answer
