@@ -1,9 +1,10 @@
-"""Ack latency, approval-to-DM latency, and 1,000 concurrent requests (issue: benchmark suite).
+"""Ack latency, approval-to-DM latency, and 1,000 concurrent requests (the benchmark suite).
 
     python bench/slack_load.py [--write-docs] [--requests 1000]
 
-Everything runs on loopback: the Slack emulator, a probe target, the bot, and a
-bare aiohttp handler as the baseline; the load generator runs in its own process.
+Three processes on loopback: the bot (`python -m bot serve`), this one (the Slack
+Web API emulator and the probe target), and a load generator. The baseline is a
+bare aiohttp handler driven by the same load generator in the same run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
+    BotProcess,
     click_fields,
     command_fields,
     fire_in_process,
@@ -28,10 +32,6 @@ from _common import (  # noqa: E402
     summary,
     write_section,
 )
-from sqlalchemy import func, select  # noqa: E402
-
-from bot.sandbox import Sandbox  # noqa: E402
-from bot.store.schema import requests  # noqa: E402
 
 REVIEWS, INCIDENT = "C0REVIEWS", "C0INCIDENT"
 
@@ -41,8 +41,12 @@ async def bare_server() -> tuple[web.AppRunner, str]:
         await request.read()
         return web.json_response({"response_type": "ephemeral", "text": "ok"})
 
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
     app = web.Application()
     app.router.add_post("/slack/events", handler)
+    app.router.add_get("/healthz", health)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -51,162 +55,164 @@ async def bare_server() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}/slack/events"
 
 
-async def count(box: Sandbox, *where: object) -> int:
-    async with box.bot.db.read() as conn:
-        return int(await conn.scalar(select(func.count()).select_from(requests).where(*where)) or 0)
-
-
-async def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if await pred():
+        if pred():
             return
         await asyncio.sleep(0.05)
     raise TimeoutError(what)
 
 
+def n_requests(bot: BotProcess, state: str | None = None) -> int:
+    if state is None:
+        return int(bot.query("SELECT count(*) FROM requests")[0][0])
+    return int(bot.query("SELECT count(*) FROM requests WHERE state = ?", state)[0][0])
+
+
+async def with_bot(policy: str, body: Callable[[BotProcess], Awaitable[None]]) -> None:
+    with tempfile.TemporaryDirectory(prefix="bg-bench-") as tmp:
+        bot = await BotProcess(policy, tmp).start()
+        try:
+            await body(bot)
+        finally:
+            await bot.stop()
+
+
 async def ack_latency(lines: list[str]) -> None:
     """100 concurrent commands whose probes hang for their full 2 s timeout, then 100 clicks."""
-    box = Sandbox(policy_override=load_policy(100, 4, quorum=2, trigger_timeout="2s"))
-    await box.start()
-    runner, bare_url = await bare_server()
-    try:
-        box.probes.status["auth"] = None  # hang: each probe waits its whole timeout
-        url = f"{box.url}/slack/events"
-        emu = box.emulator
-        warm = [command_fields(f"U0REQ{i:05d}", "help", emu.new_response_url()) for i in range(20)]
-        await fire_in_process(url, box.signing_secret, warm, 10)
-        await fire_in_process(bare_url, box.signing_secret, warm, 10)
-        forms = [command_fields(f"U0REQ{i:05d}", f"payments-write 10m INC-{i} bench",
-                                emu.new_response_url()) for i in range(100)]
-        base = await fire_in_process(bare_url, box.signing_secret, forms, 100)
-        cmd = await fire_in_process(url, box.signing_secret, forms, 100)
-        await wait_until(lambda: _n(box, 100), 30, "100 requests opened")
-        ids = await _ids(box)
-        clicks = [click_fields("U0APP00000", "bg_approve", rid, REVIEWS, emu.new_response_url())
-                  for rid in ids]
-        click = await fire_in_process(url, box.signing_secret, clicks, 100)
-        await box.settle(30)
-        lines += [summary("bare aiohttp handler, 100 concurrent", base),
-                  summary("/breakglass command ack, 100 concurrent, probes hanging 2s", cmd),
-                  summary("Approve click ack, 100 concurrent", click),
-                  f"command ack p99 / bare p99 = {pct(cmd, 99) / pct(base, 99):.2f}x; "
-                  f"target p99 <= 50 ms: {'met' if max(pct(cmd, 99), pct(click, 99)) <= 50 else 'MISSED'}"]
-    finally:
-        await runner.cleanup()
-        await box.stop()
 
+    async def body(bot: BotProcess) -> None:
+        runner, bare_url = await bare_server()
+        try:
+            bot.probes.status["auth"] = None  # hang: each probe waits its whole timeout
+            url, emu = f"{bot.url}/slack/events", bot.emulator
+            warm = [command_fields(f"U0REQ{i:05d}", "help", emu.new_response_url()) for i in range(20)]
+            await fire_in_process(url, bot.signing_secret, warm, 10)
+            await fire_in_process(bare_url, bot.signing_secret, warm, 10)
+            forms = [command_fields(f"U0REQ{i:05d}", f"payments-write 10m INC-{i} bench",
+                                    emu.new_response_url()) for i in range(100)]
+            base = await fire_in_process(bare_url, bot.signing_secret, forms, 100)
+            cmd = await fire_in_process(url, bot.signing_secret, forms, 100)
+            await wait_until(lambda: n_requests(bot) >= 100, 60, "100 requests opened")
+            ids = [r[0] for r in bot.query("SELECT id FROM requests")]
+            clicks = [click_fields("U0APP00000", "bg_approve", rid, REVIEWS, emu.new_response_url())
+                      for rid in ids]
+            click = await fire_in_process(url, bot.signing_secret, clicks, 100)
+            worst = max(pct(cmd, 99), pct(click, 99))
+            lines.extend([
+                summary("bare aiohttp handler, 100 concurrent", base),
+                summary("/breakglass command ack, 100 concurrent, probes hanging 2s", cmd),
+                summary("Approve click ack, 100 concurrent", click),
+                f"ack p99 / bare p99: command {pct(cmd, 99) / pct(base, 99):.2f}x, "
+                f"click {pct(click, 99) / pct(base, 99):.2f}x; "
+                f"target p99 <= 50 ms: {'met' if worst <= 50 else 'MISSED'}"])
+        finally:
+            await runner.cleanup()
 
-async def _n(box: Sandbox, n: int) -> bool:
-    return await count(box) >= n
-
-
-async def _ids(box: Sandbox) -> list[str]:
-    async with box.bot.db.read() as conn:
-        return [r[0] for r in (await conn.execute(select(requests.c.id))).all()]
+    await with_bot(load_policy(100, 4, quorum=2, trigger_timeout="2s"), body)
 
 
 async def approve_to_dm(lines: list[str], n: int = 50) -> None:
     """Time from sending the last Approve click to the emulator receiving the token DM."""
-    box = Sandbox(policy_override=load_policy(n, 4, quorum=2, trigger_timeout="1s"))
-    await box.start()
-    try:
-        emu = box.emulator
+
+    async def body(bot: BotProcess) -> None:
+        emu = bot.emulator
         for i in range(n):
-            await box.slack.command(f"U0REQ{i:05d}", f"payments-write 10m INC-{i} bench")
-        await wait_until(lambda: _n(box, n), 30, "requests opened")
-        await box.settle(30)
-        ids = await _ids(box)
-        for rid in ids:
-            await box.slack.click("U0APP00000", "bg_approve", rid, channel_id=REVIEWS)
-        await box.settle(30)
+            await bot.slack.command(f"U0REQ{i:05d}", f"payments-write 10m INC-{i} bench")
+        await wait_until(lambda: n_requests(bot) >= n, 60, "requests opened")
+        rows = bot.query("SELECT id, requester FROM requests")
+        for rid, _ in rows:
+            await bot.slack.click("U0APP00000", "bg_approve", rid, channel_id=REVIEWS)
+        await asyncio.sleep(2)
         lat: list[float] = []
-        for rid in ids:
-            before = len(emu.calls)
-            user = None
-            async with box.bot.db.read() as conn:
-                user = (await conn.execute(select(requests.c.requester)
-                                           .where(requests.c.id == rid))).scalar_one()
-            sent = time.time()
-            await box.slack.click("U0APP00001", "bg_approve", rid, channel_id=REVIEWS)
+        for rid, user in rows:
             dm = emu.dm_channel_for(user)
+            before = len(emu.calls)
+            sent = time.time()
+            await bot.slack.click("U0APP00001", "bg_approve", rid, channel_id=REVIEWS)
 
-            def arrived(before: int = before, dm: str = dm) -> bool:
-                return any(c.method == "chat.postMessage" and c.fault is None
-                           and emu.resolve_channel(str(c.params.get("channel"))) == dm
-                           for c in emu.calls[before:])
+            def dm_call(before: int = before, dm: str = dm) -> float | None:
+                return next((c.at for c in emu.calls[before:]
+                             if c.method == "chat.postMessage" and c.fault is None
+                             and emu.resolve_channel(str(c.params.get("channel"))) == dm), None)
 
-            await emu.wait_for(arrived, timeout=10)
-            at = next(c.at for c in emu.calls[before:] if c.method == "chat.postMessage"
-                      and emu.resolve_channel(str(c.params.get("channel"))) == dm)
-            lat.append((at - sent) * 1000)
-        lines += [summary("last Approve click -> token DM at the emulator", lat),
-                  f"target p99 <= 250 ms: {'met' if pct(lat, 99) <= 250 else 'MISSED'}"]
-    finally:
-        await box.stop()
+            await wait_until(lambda dm_call=dm_call: dm_call() is not None, 10, "token DM")
+            lat.append((float(dm_call() or 0) - sent) * 1000)
+        lines.extend([summary("last Approve click -> token DM at the emulator", lat),
+                      f"target p99 <= 250 ms: {'met' if pct(lat, 99) <= 250 else 'MISSED'}"])
+
+    await with_bot(load_policy(n, 4, quorum=2, trigger_timeout="1s"), body)
 
 
 async def thousand(lines: list[str], n: int) -> None:
     """n concurrent requests, each approved by two reviewers and revealed."""
-    box = Sandbox(policy_override=load_policy(n, 10, quorum=2, trigger_timeout="2s"))
-    await box.start()
-    try:
-        emu = box.emulator
-        url, secret = f"{box.url}/slack/events", box.signing_secret
+
+    async def body(bot: BotProcess) -> None:
+        emu = bot.emulator
+        url, secret = f"{bot.url}/slack/events", bot.signing_secret
+        marks: list[tuple[str, float]] = []
         started = time.perf_counter()
         forms = [command_fields(f"U0REQ{i:05d}", f"payments-write 10m INC-{i} bench",
                                 emu.new_response_url()) for i in range(n)]
         await fire_in_process(url, secret, forms, 100)
-        await wait_until(lambda: _n(box, n), 60, f"{n} requests opened")
-        async with box.bot.db.read() as conn:
-            rows = (await conn.execute(select(requests.c.id, requests.c.requester))).all()
+        await wait_until(lambda: n_requests(bot) >= n, 120, f"{n} requests opened")
+        marks.append(("requests opened", time.perf_counter() - started))
+        rows = bot.query("SELECT id, requester FROM requests")
         clicks = []
         for k, (rid, _user) in enumerate(rows):
-            a, b = k % 10, (k + 1) % 10
-            clicks.append(click_fields(f"U0APP{a:05d}", "bg_approve", rid, REVIEWS, emu.new_response_url()))
-            clicks.append(click_fields(f"U0APP{b:05d}", "bg_approve", rid, REVIEWS, emu.new_response_url()))
+            for a in (k % 10, (k + 1) % 10):
+                clicks.append(click_fields(f"U0APP{a:05d}", "bg_approve", rid, REVIEWS,
+                                           emu.new_response_url()))
         await fire_in_process(url, secret, clicks, 100)
+        await wait_until(lambda: n_requests(bot, "issued") >= n, 120, "all issued")
+        marks.append(("all approved and issued", time.perf_counter() - started))
 
-        async def all_dms() -> bool:
+        def dms() -> int:
             return sum(1 for c in emu.calls if c.method == "chat.postMessage" and c.fault is None
-                       and str(c.params.get("channel", "")).startswith("U0REQ")) >= n
-        await wait_until(all_dms, 60, "all DMs")
-        reveals = [click_fields(user, "bg_reveal", rid, emu.dm_channel_for(user), emu.new_response_url())
-                   for rid, user in rows]
-        await fire_in_process(url, secret, reveals, 100)
+                       and str(c.params.get("channel", "")).startswith("U0REQ"))
 
-        async def all_views() -> bool:
-            return len(emu.calls_to("views.open")) >= n
-        await wait_until(all_views, 60, "all reveals")
+        await wait_until(lambda: dms() >= n, 120, "all token DMs")
+        marks.append(("all token DMs delivered", time.perf_counter() - started))
+        reveals = [click_fields(user, "bg_reveal", rid, emu.dm_channel_for(user),
+                                emu.new_response_url()) for rid, user in rows]
+        await fire_in_process(url, secret, reveals, 100)
+        await wait_until(lambda: len(emu.calls_to("views.open")) >= n, 120, "all reveals")
         elapsed = time.perf_counter() - started
-        await box.settle(60)
-        async with box.bot.db.read() as conn:
-            revealed = await conn.scalar(select(func.count()).select_from(requests)
-                                         .where(requests.c.state == "revealed"))
-            jtis = await conn.scalar(select(func.count(func.distinct(requests.c.jti))))
-            hashes = await conn.scalar(select(func.count(func.distinct(requests.c.token_hash))))
-        issued_posts = sum(1 for m in emu.messages(INCIDENT) if "*issued*" in (m.text or ""))
+        marks.append(("all revealed", elapsed))
+        revealed = n_requests(bot, "revealed")
+        jtis = bot.query("SELECT count(DISTINCT jti) FROM requests")[0][0]
+        hashes = bot.query("SELECT count(DISTINCT token_hash) FROM requests")[0][0]
+        issued_rows = bot.query("SELECT count(*) FROM audit_log WHERE event = 'issued'")[0][0]
         views = len(emu.calls_to("views.open"))
-        dup = (issued_posts - n) + (views - n) + (int(revealed or 0) - int(hashes or 0))
-        lines += [f"{n} concurrent requests, 2 approvals each, revealed: {elapsed:.1f}s total; "
-                  f"tokens {revealed}, distinct jti {jtis}, distinct hashes {hashes}, "
-                  f"issued posts {issued_posts}, reveal modals {views}, duplicates {dup}",
-                  f"target exactly {n} tokens, 0 duplicates, <= 30 s: "
-                  f"{'met' if revealed == n and dup == 0 and elapsed <= 30 else 'MISSED'}"]
-    finally:
-        await box.stop()
+        backlog = bot.query("SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0]
+        dup = max(0, views - n) + (revealed - hashes) + max(0, issued_rows - n)
+        lines.extend([
+            f"{n} concurrent requests, 2 approvals each, revealed: {elapsed:.1f}s total ("
+            + ", ".join(f"{what} at {t:.1f}s" for what, t in marks) + ")",
+            f"tokens {revealed}, distinct jti {jtis}, distinct hashes {hashes}, issued audit rows "
+            f"{issued_rows}, reveal modals {views}, duplicates {dup}; channel posts still queued: {backlog}",
+            f"target exactly {n} tokens, 0 duplicates, <= 30 s: "
+            f"{'met' if revealed == n and dup == 0 and elapsed <= 30 else 'MISSED'}"])
+
+    await with_bot(load_policy(n, 10, quorum=2, trigger_timeout="2s"), body)
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--only", choices=["ack", "dm", "thousand"])
     args = parser.parse_args()
     lines: list[str] = []
-    await ack_latency(lines)
-    await approve_to_dm(lines)
-    await thousand(lines, args.requests)
-    print("\n".join(lines))
+    scenarios = {"ack": ack_latency, "dm": approve_to_dm,
+                 "thousand": lambda ls: thousand(ls, args.requests)}
+    for name, scenario in scenarios.items():
+        if args.only and name != args.only:
+            continue
+        before = len(lines)
+        await scenario(lines)
+        print("\n".join(lines[before:]), flush=True)
     if args.write_docs:
         write_section("slack_load", "\n".join(lines), "python bench/slack_load.py --write-docs")
     return 0

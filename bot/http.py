@@ -44,9 +44,12 @@ _ACTIVE = metrics.INTROSPECTIONS.labels(active="true")
 _INACTIVE = metrics.INTROSPECTIONS.labels(active="false")
 
 
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+
+
 def build_web_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=MAX_SLACK_BODY + 1)
-    app["rt"] = rt
+    app[RUNTIME] = rt
     app.router.add_post("/slack/events", slack_events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/.well-known/jwks.json", jwks)
@@ -72,7 +75,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
 
 
 async def slack_events(request: web.Request) -> web.StreamResponse:
-    rt: Runtime = request.app["rt"]
+    rt: Runtime = request.app[RUNTIME]
     started = time.perf_counter()
     body = await _read_limited(request, MAX_SLACK_BODY)
     if body is None:
@@ -168,7 +171,7 @@ def _check_payload_shape(payload: dict[str, Any]) -> str | None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    rt: Runtime = request.app["rt"]
+    rt: Runtime = request.app[RUNTIME]
     db_ok = await rt.db.ping()
     body = {"status": "ok" if db_ok else "unavailable", "database": db_ok,
             "mode": "socket" if rt.settings.socket_mode else "http"}
@@ -178,7 +181,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def jwks(request: web.Request) -> web.Response:
     """RFC 7517 key set. Served from a copy at most JWKS_CACHE_SECONDS old (it costs a
     query), remade at once when this process's current key changes."""
-    rt: Runtime = request.app["rt"]
+    rt: Runtime = request.app[RUNTIME]
     now = rt.clock.now().timestamp()
     mono = time.monotonic()
     kid = rt.keyring.current.kid
@@ -193,7 +196,7 @@ async def jwks(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    rt: Runtime = request.app["rt"]
+    rt: Runtime = request.app[RUNTIME]
     metrics.OUTBOX_PENDING.set(await rt.dispatcher.pending_count())
     return web.Response(body=generate_latest(metrics.REGISTRY),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -271,7 +274,7 @@ def _no_store(data: dict[str, Any], status: int = 200) -> web.Response:
 
 async def introspect(request: web.Request) -> web.Response:
     """RFC 7662. Every token that is not active for this client: 200 {"active": false}."""
-    rt: Runtime = request.app["rt"]
+    rt: Runtime = request.app[RUNTIME]
     auth = _authenticate(request, rt.policy.clients)
     if auth is None:
         return _unauthorized()
@@ -289,7 +292,7 @@ async def introspect(request: web.Request) -> web.Response:
 
 async def revoke(request: web.Request) -> web.Response:
     """RFC 7009: 200 for any token string, known or not, live or not."""
-    rt: Runtime = request.app["rt"]
+    rt: Runtime = request.app[RUNTIME]
     auth = _authenticate(request, rt.policy.clients)
     if auth is None:
         return _unauthorized()

@@ -26,15 +26,23 @@ token is worked out once and kept:
   inactive for the very next introspection, and a token revoked by *another*
   bot process on the same database is inactive here within `REVALIDATE_AFTER`
   (1 s).
+  A token whose state was read more than `REFRESH_AHEAD` ago is read again in
+  the background, so requests do not wait for that read in steady state.
 * **Uses.** The first active introspection of a token (per process) writes its
-  `token_uses` row, its `used` audit row and the `used` post to the incident
-  channel in one transaction before answering. Every later use is buffered in
+  `token_uses` row, its `used` audit row (`{"jti", "uses": 1, "first"}`) and,
+  if it is the token's first use anywhere, the `used` post to the incident
+  channel, in one transaction, before answering. Later uses are counted in
   memory and written every `FLUSH_EVERY` (150 ms) in one transaction: the
-  `token_uses` counters and one `used` audit row per use (`audit.append_many`).
-  `flush()` writes what is buffered; `Runtime.stop` calls it once the HTTP
-  server stopped taking requests, so a clean shutdown loses no use. A crash
-  can lose at most the last `FLUSH_EVERY` of uses. `summarise_uses` (the
-  sweeper) posts the count of unreported uses at most once a minute per token.
+  `token_uses` counters and, with `audit.append_many`, one `used` audit row per
+  token and client that stands for every use in that window
+  (`{"jti", "uses": n, "first_at", "last_at"}`). So every use is in the audit
+  log, to within 150 ms, and summing `uses` over a token's `used` rows gives
+  its count; a row per use would cost more than the whole introspection
+  (about 35 us each, mostly building and MACing the row). `flush()` writes what
+  is counted; `Runtime.stop` calls it once the HTTP server stopped taking
+  requests, so a clean shutdown loses no use. A crash can lose at most the last
+  `FLUSH_EVERY` of uses. `summarise_uses` (the sweeper) posts the count of
+  unreported uses at most once a minute per token.
 
 Keys
 ----
@@ -83,10 +91,12 @@ log = logging.getLogger(__name__)
 INACTIVE: dict[str, Any] = {"active": False}
 INACTIVE_BODY = b'{"active": false}'
 LEEWAY = timedelta(seconds=0)
-SUMMARY_EVERY = timedelta(minutes=1)  # per token: well inside Slack's 1 message/s per channel
+SUMMARY_EVERY = timedelta(minutes=1)  # per token
+SUMMARY_LINES = 50  # tokens summarised in one message at most (the rest: next sweep)
 
 CACHE_SIZE = 4096  # verified tokens kept in memory
 REVALIDATE_AFTER = 1.0  # seconds: bound on seeing another process's revocation
+REFRESH_AHEAD = 0.5  # seconds: past this age a token's state is re-read in the background
 FLUSH_EVERY = 0.15  # seconds between writes of buffered uses
 RELOAD_EVERY = 5.0  # seconds: at most one key-ring reload per this, on an unknown kid
 KEYS_FRESH_FOR = 5.0  # seconds the set of published kids is reused
@@ -118,17 +128,20 @@ class _Entry:
     body: bytes
     checked: float  # time.monotonic() of the last database read
     generation: int
-    refresh: asyncio.Task[bool] | None = None
+    refresh: asyncio.Task[bool] | None = None  # a read of its state under way...
+    refresh_generation: int = -1  # ...started at this generation
     recorded: bool = False  # the first use in this process is written
     recording: asyncio.Task[None] | None = None
 
 
 @dataclass(slots=True)
 class _Uses:
+    """Uses of one token by one client since the last write."""
+
     request_id: str
     count: int
-    client: str
-    at: datetime
+    first_at: datetime
+    last_at: datetime
 
 
 @dataclass
@@ -153,11 +166,10 @@ class Introspector:
         self._keys_lock = asyncio.Lock()
         self._last_reload = -math.inf
         self._reload_lock = asyncio.Lock()
-        # Buffered uses: audit rows in order, and counters per jti.
-        self._events: list[audit.AuditEvent] = []
-        self._uses: dict[str, _Uses] = {}
+        # Uses counted since the last write, per (jti, client), in order of first use.
+        self._uses: dict[tuple[str, str], _Uses] = {}
         self._flusher: asyncio.Task[None] | None = None
-        self._flusher_sleeping = False
+        self._flusher_writing = False
         self._write_lock = asyncio.Lock()
         # Every state change the service commits ends with a wake of the outbox:
         # listen there so that a revocation in this process is seen at once.
@@ -224,10 +236,13 @@ class Introspector:
         if entry.audiences.isdisjoint(client.audiences):
             self._reject(WRONG_AUDIENCE)
             return None
-        if entry.generation != self._generation or time.monotonic() - entry.checked > REVALIDATE_AFTER:
+        age = time.monotonic() - entry.checked
+        if entry.generation != self._generation or age > REVALIDATE_AFTER:
             if not await self._still_revealed(entry):
                 self._reject(NOT_ACTIVE)
                 return None
+        elif age > REFRESH_AHEAD and entry.refresh is None:
+            self._refresh(entry)  # read it again in the background, before it goes stale
         if not entry.recorded:
             if entry.recording is None:
                 entry.recording = asyncio.create_task(self._record_first(entry, client_id))
@@ -293,14 +308,25 @@ class Introspector:
                 .where(requests_table.c.token_hash == digest))).first()
 
     async def _still_revealed(self, entry: _Entry) -> bool:
-        if entry.refresh is None:
-            entry.refresh = asyncio.create_task(self._reread(entry))
         task = entry.refresh
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if entry.refresh is task and task.done():
+        if task is None or entry.refresh_generation != self._generation:
+            task = self._refresh(entry)  # none under way, or it began before the last change
+        return await asyncio.shield(task)
+
+    def _refresh(self, entry: _Entry) -> asyncio.Task[bool]:
+        """Read the token's state again; concurrent requests share one read."""
+        task = asyncio.create_task(self._reread(entry))
+        entry.refresh = task
+        entry.refresh_generation = self._generation
+
+        def done(t: asyncio.Task[bool]) -> None:
+            if entry.refresh is t:
                 entry.refresh = None
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("could not read a token's state: %s", t.exception())
+
+        task.add_done_callback(done)
+        return task
 
     async def _reread(self, entry: _Entry) -> bool:
         checked = time.monotonic()
@@ -400,67 +426,80 @@ class Introspector:
                 await conn.execute(token_uses.update().where(token_uses.c.jti == entry.jti).values(
                     count=token_uses.c.count + 1, last_at=now, last_client=client_id))
             await audit.append(conn, self.service.audit_key, at=now, actor=_actor(client_id),
-                               event="used", details={"jti": entry.jti},
+                               event="used", details={"jti": entry.jti, "uses": 1, "first": first},
                                request_id=entry.request_id)
         return first
 
     def _buffer_use(self, entry: _Entry, client_id: str, now: datetime) -> None:
-        self._events.append(audit.AuditEvent(
-            at=now, actor=_actor(client_id), event="used", details={"jti": entry.jti},
-            request_id=entry.request_id))
-        uses = self._uses.get(entry.jti)
+        uses = self._uses.get((entry.jti, client_id))
         if uses is None:
-            self._uses[entry.jti] = _Uses(entry.request_id, 1, client_id, now)
+            self._uses[(entry.jti, client_id)] = _Uses(entry.request_id, 1, now, now)
         else:
             uses.count += 1
-            uses.client = client_id
-            uses.at = now
+            uses.last_at = now
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_later())
 
     @property
     def buffered(self) -> int:
         """Uses counted in memory, not yet written."""
-        return len(self._events)
+        return sum(u.count for u in self._uses.values())
 
     async def _flush_later(self) -> None:
-        self._flusher_sleeping = True
         try:
             await asyncio.sleep(FLUSH_EVERY)
         except asyncio.CancelledError:
             return  # flush() took over
-        finally:
-            self._flusher_sleeping = False
+        self._flusher_writing = True
         try:
             await self._write()
         except Exception as exc:  # noqa: BLE001 - the uses stay buffered; retried
             log.warning("could not write %d token use(s); will retry: %s", self.buffered, exc)
         finally:
+            self._flusher_writing = False
             self._flusher = None
-        if self._events and self._flusher is None:
+        if self._uses and self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_later())
 
     async def flush(self) -> int:
-        """Write every buffered use now; returns how many. Call on shutdown, once no
-        introspection can start any more."""
+        """Write every counted use now; returns how many. Runtime.stop calls it once no
+        introspection can start any more. Never raises: a use that cannot be written is
+        logged (and stays counted in memory)."""
         task = self._flusher
         if task is not None and not task.done():
-            if self._flusher_sleeping:
-                task.cancel()
+            if not self._flusher_writing:
+                task.cancel()  # asleep, or not started yet
             await asyncio.gather(task, return_exceptions=True)
         self._flusher = None
         pending = [e.recording for e in self._cache.values()
                    if e.recording is not None and not e.recording.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        return await self._write()
+        try:
+            return await self._write()
+        except Exception as exc:  # noqa: BLE001 - shutting down: say so, do not crash
+            log.error("could not write %d token use(s): %s", self.buffered, exc)
+            return 0
 
     async def _write(self) -> int:
+        """One transaction: the token_uses counters, and one `used` audit row per token
+        and client with how many uses it stands for and when they were."""
         async with self._write_lock:
-            events, uses = self._events, self._uses
-            if not events:
+            uses = self._uses
+            if not uses:
                 return 0
-            self._events, self._uses = [], {}
+            self._uses = {}
+            per_token: dict[str, tuple[int, datetime, str]] = {}
+            events = []
+            for (jti, client), u in uses.items():
+                count, last_at, last_client = per_token.get(jti, (0, u.last_at, client))
+                if u.last_at >= last_at:
+                    last_at, last_client = u.last_at, client
+                per_token[jti] = (count + u.count, last_at, last_client)
+                events.append(audit.AuditEvent(
+                    at=u.last_at, actor=_actor(client), event="used", request_id=u.request_id,
+                    details={"jti": jti, "uses": u.count, "first_at": u.first_at,
+                             "last_at": u.last_at}))
             try:
                 async with self.service.db.transaction() as conn:
                     await conn.execute(
@@ -468,53 +507,62 @@ class Introspector:
                         .where(token_uses.c.jti == bindparam("b_jti"))
                         .values(count=token_uses.c.count + bindparam("b_n"),
                                 last_at=bindparam("b_at"), last_client=bindparam("b_client")),
-                        [{"b_jti": jti, "b_n": u.count, "b_at": u.at, "b_client": u.client}
-                         for jti, u in uses.items()])
+                        [{"b_jti": jti, "b_n": n, "b_at": at, "b_client": client}
+                         for jti, (n, at, client) in per_token.items()])
                     await audit.append_many(conn, self.service.audit_key, events)
             except BaseException:
-                self._requeue(events, uses)
+                self._requeue(uses)
                 raise
-            return len(events)
+            return sum(n for n, _, _ in per_token.values())
 
-    def _requeue(self, events: list[audit.AuditEvent], uses: dict[str, _Uses]) -> None:
-        self._events[:0] = events
-        for jti, u in uses.items():
-            later = self._uses.get(jti)
-            if later is None:
-                self._uses[jti] = u
+    def _requeue(self, uses: dict[tuple[str, str], _Uses]) -> None:
+        for key, u in self._uses.items():  # counted while the write failed
+            earlier = uses.get(key)
+            if earlier is None:
+                uses[key] = u
             else:
-                later.count += u.count
+                earlier.count += u.count
+                earlier.last_at = u.last_at
+        self._uses = uses
 
     async def summarise_uses(self) -> int:
-        """Post one line per token with unreported uses, at most once a minute per token."""
-        if self._events:
-            try:
-                await self._write()
-            except Exception as exc:  # noqa: BLE001 - summarise what is written
-                log.warning("could not write buffered token uses: %s", exc)
+        """One incident-channel message with a line per token that has unreported uses,
+        each token at most once a minute (SUMMARY_EVERY). Called every sweep: so at most
+        one message a sweep, within Slack's one message a second per channel. Uses
+        counted in memory are written within FLUSH_EVERY and reported in the next one.
+        Returns how many tokens were summarised."""
         now = self.clock.now()
         db = self.service.db
         async with db.read() as conn:
-            rows = (await conn.execute(select(token_uses).where(
+            due = (await conn.execute(select(token_uses.c.jti).where(
                 token_uses.c.count > token_uses.c.reported,
-                token_uses.c.reported_at <= now - SUMMARY_EVERY).limit(100))).all()
-        posted = 0
-        for row in rows:
-            async with db.transaction() as conn:
+                token_uses.c.reported_at <= now - SUMMARY_EVERY)
+                .order_by(token_uses.c.reported_at).limit(SUMMARY_LINES))).scalars().all()
+        if not due:
+            return 0
+        lines = []
+        async with db.transaction() as conn:
+            for jti in due:
+                # Read again under the write lock: another process may have summarised it.
+                row = (await conn.execute(select(token_uses).where(
+                    token_uses.c.jti == jti, token_uses.c.count > token_uses.c.reported,
+                    token_uses.c.reported_at <= now - SUMMARY_EVERY))).first()
+                if row is None:
+                    continue
                 done = await conn.execute(token_uses.update().where(
-                    token_uses.c.jti == row.jti, token_uses.c.reported == row.reported)
+                    token_uses.c.jti == jti, token_uses.c.reported == row.reported)
                     .values(reported=row.count, reported_at=now))
                 if done.rowcount != 1:
-                    continue  # another process summarised it
+                    continue  # another process summarised it just now
                 req = await store.load(conn, row.request_id)
-                if req is None or req.token_expires_at is None:
-                    continue
-                await outbox.post(conn, now, self.service.incident_channel, blocks.incident_used(
-                    req, row.last_client, row.count - row.reported, first=False))
-            posted += 1
-        if posted:
+                if req is not None and req.token_expires_at is not None:
+                    lines.append(blocks.incident_used(req, row.last_client,
+                                                      row.count - row.reported, first=False))
+            if lines:
+                await outbox.post(conn, now, self.service.incident_channel, "\n".join(lines))
+        if lines:
             self._wake_outbox()
-        return posted
+        return len(lines)
 
     # -- revocation --------------------------------------------------------------
 
@@ -557,7 +605,7 @@ def _peek_kid(token: str) -> str | None:
         return None
     try:
         header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
     kid = header.get("kid") if isinstance(header, dict) else None
     return kid if isinstance(kid, str) and kid else None

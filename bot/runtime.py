@@ -191,6 +191,7 @@ class Runtime:
         deadline = loop.time() + drain_seconds
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(0.1, deadline - loop.time()))
+        await self.introspector.flush()  # uses counted in memory: written before the database closes
         self._stop.set()
         for t in self._loops:
             with contextlib.suppress(BaseException):

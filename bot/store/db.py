@@ -7,6 +7,7 @@ queue up instead of failing with "database is locked" half-way through.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +27,8 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
+            kwargs["pool_size"] = 10
+            kwargs["max_overflow"] = 20
             if ":memory:" in url:
                 raise ValueError("use a file for SQLite: an in-memory database is per connection")
         else:
@@ -33,6 +36,7 @@ class Database:
             kwargs["max_overflow"] = 10
             kwargs["pool_pre_ping"] = True
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
         if self.is_sqlite:
             _sqlite_tuning(self.engine)
 
@@ -46,8 +50,16 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One write transaction: commit on success, roll back on any exception."""
-        async with self.engine.begin() as conn:
+        """One write transaction: commit on success, roll back on any exception.
+
+        On SQLite, writers of this process queue on an asyncio lock first: SQLite runs
+        one writer at a time anyway, and waiting here holds no pooled connection and no
+        thread (other processes still queue on the busy timeout)."""
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self.engine.begin() as conn:
             yield conn
 
     @asynccontextmanager

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
 
-from sqlalchemy import delete, insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, insert, select
 
 from ..core.clock import Clock
 from .db import Database
@@ -23,6 +23,8 @@ class ReplayGuard:
         self.db = db
         self.clock = clock
         self._recent: dict[str, float] = {}
+        self._waiting: list[tuple[str, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def first_time_here(self, signature: str) -> bool:
         now = time.monotonic()
@@ -35,13 +37,42 @@ class ReplayGuard:
         return True
 
     async def first_time(self, signature: str) -> bool:
-        try:
-            async with self.db.transaction() as conn:
-                await conn.execute(
-                    insert(seen_signatures).values(signature=signature[:80], seen_at=self.clock.now()))
-        except IntegrityError:
-            return False
-        return True
+        """True for the first process to record `signature`. Concurrent calls share
+        one transaction (a group commit), so a burst of Slack requests costs one write."""
+        key = signature[:80]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._waiting.append((key, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                fresh = await self._record([k for k, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every waiter hears about it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for k, fut in batch:
+                if not fut.done():
+                    fut.set_result(k in fresh)
+                    fresh.discard(k)  # the same signature twice in one batch: once only
+
+    async def _record(self, keys: list[str]) -> set[str]:
+        async with self.db.transaction() as conn:
+            seen = set((await conn.execute(
+                select(seen_signatures.c.signature)
+                .where(seen_signatures.c.signature.in_(set(keys))))).scalars())
+            fresh = set(keys) - seen
+            if fresh:
+                now = self.clock.now()
+                await conn.execute(insert(seen_signatures),
+                                   [{"signature": k, "seen_at": now} for k in fresh])
+        return fresh
 
     async def prune(self) -> int:
         async with self.db.transaction() as conn:
