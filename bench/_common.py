@@ -9,6 +9,7 @@ import multiprocessing as mp
 import re
 import statistics
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,50 +37,15 @@ def summary(name: str, ms: list[float]) -> str:
 
 
 def load_policy(n_requesters: int, n_approvers: int, *, quorum: int = 2, trigger_timeout: str = "2s",
-                delivery: str = "reveal", rate_limit: int = 100_000) -> str:
+                delivery: str = "reveal", rate_limit: int = 100_000) -> Callable[[str, str], str]:
+    """The sandbox's policy sized for load: (probe_url, client_secret) -> policy text."""
+    from bot.sandbox import sandbox_policy
+
     requesters = [f"U0REQ{i:05d}" for i in range(n_requesters)]
     approvers = [f"U0APP{i:05d}" for i in range(n_approvers)]
-    return f"""
-[slack]
-reviewer_channel = "C0REVIEWS"
-incident_channel = "C0INCIDENT"
-
-[tokens]
-issuer = "https://breakglass.example.internal"
-delivery = "{delivery}"
-default_ttl = "15m"
-max_ttl = "1h"
-
-[requests]
-expire_after = "30m"
-rate_limit = {rate_limit}
-
-[groups.oncall]
-members = {json.dumps(requesters)}
-
-[groups.sre-leads]
-members = {json.dumps(approvers)}
-
-[triggers.primary-auth-down]
-description = "Primary auth provider fails its health check"
-http = "{{probe_url}}/auth/health"
-holds_when = "down"
-timeout = "{trigger_timeout}"
-
-[scopes.payments-write]
-description = "Write access to the payments API"
-audience = "payments-api"
-permissions = ["payments:read", "payments:write"]
-requesters = ["oncall"]
-approvers = ["sre-leads"]
-quorum = {quorum}
-max_ttl = "30m"
-triggers = ["primary-auth-down"]
-
-[clients.payments-api]
-secret_sha256 = "{{client_sha256}}"
-audiences = ["payments-api"]
-"""
+    return lambda probe_url, client_secret: sandbox_policy(
+        probe_url, client_secret, delivery=delivery, quorum=quorum, requesters=requesters,
+        approvers=approvers, rate_limit=rate_limit, auth_timeout=trigger_timeout)
 
 
 def command_fields(user: str, text: str, response_url: str) -> dict[str, str]:
@@ -176,12 +142,11 @@ class BotProcess:
     """`python -m bot serve` in its own process, with the Slack emulator and the probe
     target in this one, so the bot's event loop serves only the bot."""
 
-    def __init__(self, policy: str, tmp: str) -> None:
-        self.policy_template = policy
+    def __init__(self, policy: Callable[[str, str], str], tmp: str) -> None:
+        self.policy_for = policy
         self.tmp = Path(tmp)
 
     async def start(self) -> BotProcess:
-        import hashlib
         import os
         import secrets
         import socket
@@ -198,8 +163,7 @@ class BotProcess:
         await self.emulator.start()
         self.signing_secret = secrets.token_hex(16)
         self.client_secret = secrets.token_urlsafe(16)
-        policy = self.policy_template.replace("{probe_url}", self.probes.url).replace(
-            "{client_sha256}", hashlib.sha256(self.client_secret.encode()).hexdigest())
+        policy = self.policy_for(self.probes.url, self.client_secret)
         (self.tmp / "policy.toml").write_text(policy)
         self.db_path = self.tmp / "bench.db"
         with socket.socket() as s:

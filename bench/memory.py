@@ -82,8 +82,7 @@ async def measure(n: int) -> list[str]:
     await emu.start()
     secret, master = secrets.token_hex(16), new_master_key()
     client_secret = secrets.token_urlsafe(16)
-    policy = load_policy(100, 4).replace("{probe_url}", probes.url).replace(
-        "{client_sha256}", hashlib.sha256(client_secret.encode()).hexdigest())
+    policy = load_policy(100, 4)(probes.url, client_secret)
     (tmp / "policy.toml").write_text(policy)
     results: dict[str, float] = {}
     try:

@@ -70,7 +70,7 @@ def n_requests(bot: BotProcess, state: str | None = None) -> int:
     return int(bot.query("SELECT count(*) FROM requests WHERE state = ?", state)[0][0])
 
 
-async def with_bot(policy: str, body: Callable[[BotProcess], Awaitable[None]]) -> None:
+async def with_bot(policy: Callable[[str, str], str], body: Callable[[BotProcess], Awaitable[None]]) -> None:
     with tempfile.TemporaryDirectory(prefix="bg-bench-") as tmp:
         bot = await BotProcess(policy, tmp).start()
         try:

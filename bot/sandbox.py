@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import secrets
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,13 @@ PEOPLE = {ALICE: "alice (on call)", BOB: "bob (SRE lead)", CAROL: "carol (SRE le
 
 def sandbox_policy(probe_url: str, client_secret: str, *, delivery: str = "reveal",
                    algorithm: str = "RS256", quorum: int = 2, escalate: str | None = None,
-                   extra: str = "") -> str:
+                   extra: str = "", requesters: Sequence[str] = (ALICE, BOB),
+                   approvers: Sequence[str] = (BOB, CAROL, DAVE), expire_after: str = "30m",
+                   rate_limit: int | None = None, auth_timeout: str = "2s") -> str:
+    """The demo's policy; the keyword arguments size it for tests and benchmarks."""
     digest = hashlib.sha256(client_secret.encode()).hexdigest()
     escalate_line = f'escalate_after = "{escalate}"' if escalate else ""
+    rate_line = f"rate_limit = {rate_limit}" if rate_limit is not None else ""
     return f"""
 [slack]
 reviewer_channel = "{REVIEWS}"
@@ -47,20 +53,21 @@ default_ttl = "15m"
 max_ttl = "1h"
 
 [requests]
-expire_after = "30m"
+expire_after = "{expire_after}"
 {escalate_line}
+{rate_line}
 
 [groups.oncall]
-members = ["{ALICE}", "{BOB}"]
+members = {json.dumps(list(requesters))}
 
 [groups.sre-leads]
-members = ["{BOB}", "{CAROL}", "{DAVE}"]
+members = {json.dumps(list(approvers))}
 
 [triggers.primary-auth-down]
 description = "Primary auth provider fails its health check"
 http = "{probe_url}/auth/health"
 holds_when = "down"
-timeout = "2s"
+timeout = "{auth_timeout}"
 
 [triggers.primary-db-down]
 description = "Primary database fails its health check"
@@ -136,7 +143,6 @@ class Sandbox:
     quorum: int = 2
     escalate: str | None = None
     extra_policy: str = ""
-    policy_override: str | None = None  # a whole policy; {probe_url} and {client_sha256} are filled in
     clock: Clock | None = None
     directory: Path | None = None
     sweep_interval: float = 0.2
@@ -162,9 +168,6 @@ class Sandbox:
                                           delivery=self.delivery, algorithm=self.algorithm,
                                           quorum=self.quorum, escalate=self.escalate,
                                           extra=self.extra_policy)
-        if self.policy_override is not None:
-            self.policy_text = self.policy_override.replace("{probe_url}", self.probes.url).replace(
-                "{client_sha256}", hashlib.sha256(self.client_secret.encode()).hexdigest())
         (self.directory / "breakglass.toml").write_text(self.policy_text)
         self.database_url = f"sqlite+aiosqlite:///{self.directory / 'breakglass.db'}"
         self.settings = Settings(

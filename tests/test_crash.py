@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import random
 import re
@@ -48,7 +47,7 @@ from bot.core.kdf import new_master_key
 from bot.emulator import SlackEmulator, SlackSender
 from bot.keys import sealed_secret
 from bot.runtime import AUDIT_KEY_NAME
-from bot.sandbox import ProbeTarget
+from bot.sandbox import ProbeTarget, sandbox_policy
 from bot.store.db import Database
 
 ALICE, ERIN, FRANK = "U0ALICE", "U0ERIN", "U0FRANK"
@@ -61,48 +60,9 @@ JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 
 
 def policy(probe_url: str) -> str:
-    digest = hashlib.sha256(b"crash-client-secret").hexdigest()
-    return f"""
-[slack]
-reviewer_channel = "{REVIEWS}"
-incident_channel = "{INCIDENT}"
-
-[tokens]
-issuer = "https://breakglass.example.internal"
-algorithm = "ES256"
-default_ttl = "15m"
-max_ttl = "1h"
-
-[requests]
-expire_after = "{EXPIRE_AFTER}s"
-rate_limit = 10000
-
-[groups.oncall]
-members = ["{ALICE}", "{ERIN}", "{FRANK}"]
-
-[groups.sre-leads]
-members = ["{BOB}", "{CAROL}", "{DAVE}"]
-
-[triggers.primary-auth-down]
-description = "Primary auth provider fails its health check"
-http = "{probe_url}/auth/health"
-holds_when = "down"
-timeout = "2s"
-
-[scopes.payments-write]
-description = "Write access to the payments API"
-audience = "payments-api"
-permissions = ["payments:read", "payments:write"]
-requesters = ["oncall"]
-approvers = ["sre-leads"]
-quorum = 2
-max_ttl = "30m"
-triggers = ["primary-auth-down"]
-
-[clients.payments-api]
-secret_sha256 = "{digest}"
-audiences = ["payments-api"]
-"""
+    return sandbox_policy(probe_url, "crash-client-secret", algorithm="ES256",
+                          requesters=REQUESTERS, approvers=APPROVERS,
+                          expire_after=f"{EXPIRE_AFTER}s", rate_limit=10000)
 
 
 def free_port() -> int:
