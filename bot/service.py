@@ -327,7 +327,8 @@ class Service:
                                   "revealed and cannot be shown again. If it is lost, revoke it "
                                   "and make a new request.")
             elif req.state is not State.ISSUED or (req.token_expires_at and req.token_expires_at <= now):
-                refusal = Refusal("token_closed", f"The token of {req.id} is {req.state.value}; "
+                state = req.state.value if req.state is not State.ISSUED else "expired"
+                refusal = Refusal("token_closed", f"The token of {req.id} is {state}; "
                                   "make a new request if you still need access.")
             else:
                 token = self._mint(req)
