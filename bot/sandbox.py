@@ -142,6 +142,7 @@ class Sandbox:
     algorithm: str = "RS256"
     quorum: int = 2
     escalate: str | None = None
+    rate_limit: int | None = None
     extra_policy: str = ""
     clock: Clock | None = None
     directory: Path | None = None
@@ -167,6 +168,7 @@ class Sandbox:
         self.policy_text = sandbox_policy(self.probes.url, self.client_secret,
                                           delivery=self.delivery, algorithm=self.algorithm,
                                           quorum=self.quorum, escalate=self.escalate,
+                                          rate_limit=self.rate_limit,
                                           extra=self.extra_policy)
         (self.directory / "breakglass.toml").write_text(self.policy_text)
         self.database_url = f"sqlite+aiosqlite:///{self.directory / 'breakglass.db'}"
