@@ -138,6 +138,20 @@ def write_section(name: str, body: str, command: str) -> None:
     DOC.write_text(text)
 
 
+async def wait_healthy(base_url: str, attempts: int = 300) -> None:
+    """Poll GET /healthz until the bot answers 200 (every 0.1 s)."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(attempts):
+            try:
+                async with http.get(f"{base_url}/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{base_url}/healthz never answered 200")
+
+
 class BotProcess:
     """`python -m bot serve` in its own process, with the Slack emulator and the probe
     target in this one, so the bot's event loop serves only the bot."""
@@ -178,15 +192,7 @@ class BotProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "bot", "serve", "--log-level", "ERROR"],
                                      env=env)
         self.url = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                try:
-                    async with http.get(f"{self.url}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+        await wait_healthy(self.url)
         self.slack = SlackSender(f"{self.url}/slack/events", self.signing_secret, self.emulator)
         return self
 

@@ -28,7 +28,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import load_policy, write_section  # noqa: E402
+from _common import load_policy, wait_healthy, write_section  # noqa: E402
 
 from bot.core.kdf import new_master_key  # noqa: E402
 from bot.emulator import SlackEmulator, SlackSender  # noqa: E402
@@ -104,15 +104,8 @@ async def measure(n: int) -> list[str]:
                                     env=env)
             try:
                 base = f"http://127.0.0.1:{port}"
+                await wait_healthy(base)
                 async with aiohttp.ClientSession() as http:
-                    for _ in range(200):
-                        try:
-                            async with http.get(f"{base}/healthz") as r:
-                                if r.status == 200:
-                                    break
-                        except aiohttp.ClientError:
-                            pass
-                        await asyncio.sleep(0.1)
                     sender = SlackSender(f"{base}/slack/events", secret, emu)
                     await sender.command("U0REQ00001", "payments-write 10m INC-1 memory bench")
                     await sender.command("U0REQ00002", "status")

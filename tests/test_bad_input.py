@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import timed
 from sqlalchemy import func, select
 
 from bot.core.clock import OffsetClock
@@ -18,7 +19,6 @@ from bot.emulator import SentRequest
 from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, ProbeTarget, Sandbox
 from bot.store.schema import audit_log, decisions, outbox, requests
 
-ACK_LIMIT = 3.0
 REQUEST = "payments-write 30m INC-4521 auth provider down"
 
 MakeBox = Callable[..., Awaitable[Sandbox]]
@@ -66,14 +66,6 @@ async def refusal_events(box: Sandbox) -> list[str]:
                                   .order_by(audit_log.c.seq))
         return [r[0] for r in rows]
 
-
-async def timed(call: Awaitable[SentRequest]) -> SentRequest:
-    started = time.perf_counter()
-    resp = await call
-    elapsed = time.perf_counter() - started
-    assert resp.status == 200, resp.body
-    assert elapsed < ACK_LIMIT, f"answered after {elapsed:.2f}s"
-    return resp
 
 
 def seen(box: Sandbox, resp: SentRequest) -> str:

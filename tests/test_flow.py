@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from helpers import timed
 from sqlalchemy import select
 
 from bot.core.clock import OffsetClock
@@ -24,7 +25,6 @@ from bot.emulator import Message, SentRequest
 from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, Sandbox
 from bot.store.schema import audit_log, decisions, requests
 
-ACK_LIMIT = 3.0  # Slack's limit for answering a command or a click
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 REASON = "INC-4521 auth provider down, refunds stuck"
 ISSUER = "https://breakglass.example.internal"
@@ -52,15 +52,6 @@ async def make_box(tmp_path: Path) -> AsyncIterator[MakeBox]:
     for box in boxes:
         await box.stop()
 
-
-async def timed(call: Awaitable[SentRequest]) -> SentRequest:
-    """The HTTP answer to a command or click; it must come within Slack's 3 s."""
-    started = time.perf_counter()
-    resp = await call
-    elapsed = time.perf_counter() - started
-    assert resp.status == 200, resp.body
-    assert elapsed < ACK_LIMIT, f"answered after {elapsed:.2f}s"
-    return resp
 
 
 async def command(box: Sandbox, user: str, text: str) -> SentRequest:
