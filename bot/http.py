@@ -22,6 +22,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from . import metrics
 from .core.policy import Client
 from .introspection import INACTIVE_BODY
+from .slack import acks
 from .slack.signature import SignatureError, verify_signature
 
 if TYPE_CHECKING:
@@ -76,6 +77,11 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
 
 async def slack_events(request: web.Request) -> web.StreamResponse:
     rt: Runtime = request.app[RUNTIME]
+    with rt.foreground.busy():  # background work waits while Slack waits for an answer
+        return await _slack_events(rt, request)
+
+
+async def _slack_events(rt: Runtime, request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     body = await _read_limited(request, MAX_SLACK_BODY)
     if body is None:
@@ -95,16 +101,25 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return _problem(400, "bad_body", "The body is not UTF-8.")
-    problem = _check_slack_body(text, request.content_type)
+    problem, form, payload = _parse_slack_body(text, request.content_type)
     if problem:
         return _problem(400, "bad_body", problem)
     signature = request.headers["X-Slack-Signature"]
     if not rt.replay_guard.first_time_here(signature):
         log.warning("replayed Slack request ignored")
         return web.Response(status=200)
+    headers = dict(request.headers)
+    answer = acks.immediate(form, payload, rt.policy.requests.incident_pattern)
+    if answer is not None:
+        # Answered now; the listener runs after Slack has its answer (see slack/acks.py).
+        rt.dispatch_later(text, request.query_string, headers, signature)
+        metrics.SLACK_ACK_SECONDS.observe(time.perf_counter() - started)
+        if not answer:
+            return web.Response(status=200)
+        return web.Response(body=json.dumps(answer, ensure_ascii=False).encode("utf-8"),
+                            content_type="application/json", charset="utf-8")
     try:
-        bolt_req = AsyncBoltRequest(body=text, query=request.query_string,
-                                    headers=dict(request.headers))
+        bolt_req = AsyncBoltRequest(body=text, query=request.query_string, headers=headers)
     except (TypeError, ValueError, KeyError, AttributeError):
         return _problem(400, "bad_body", "The payload is not a Slack request this app understands.")
     token = SLACK_SIGNATURE.set(signature)  # background work checks it across processes
@@ -121,23 +136,25 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
     return await to_aiohttp_response(bolt_resp)
 
 
-def _check_slack_body(text: str, content_type: str) -> str | None:
+def _parse_slack_body(text: str, content_type: str
+                      ) -> tuple[str | None, dict[str, list[str]], dict[str, Any] | None]:
+    """(problem, form, payload): the form-encoded body and its interaction payload, if any."""
     if content_type != "application/x-www-form-urlencoded":
-        return "Expected a form-encoded body, as Slack sends slash commands and interactions."
+        return "Expected a form-encoded body, as Slack sends slash commands and interactions.", {}, None
     form = parse_qs(text, keep_blank_values=True)
     if "payload" in form:
         try:
             payload = json.loads(form["payload"][0])
         except ValueError:
-            return "The payload field is not valid JSON."
+            return "The payload field is not valid JSON.", form, None
         if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
-            return "The payload field is not a Slack interaction payload."
-        return _check_payload_shape(payload)
+            return "The payload field is not a Slack interaction payload.", form, None
+        return _check_payload_shape(payload), form, payload
     if "command" in form:
         if not form.get("user_id", [""])[0]:
-            return "A slash command needs a user_id."
-        return None
-    return "Neither a slash command nor an interaction payload."
+            return "A slash command needs a user_id.", form, None
+        return None, form, None
+    return "Neither a slash command nor an interaction payload.", form, None
 
 
 def _check_payload_shape(payload: dict[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
+from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from . import audit
@@ -18,6 +19,7 @@ from .config import Settings
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
 from .directory import Directory
+from .foreground import Foreground
 from .http import SLACK_SIGNATURE, build_web_app
 from .introspection import Introspector
 from .keys import AUDIT_KEY_NAME, KeyRing, sealed_secret
@@ -63,6 +65,7 @@ class Runtime:
         self._socket: Any = None
         self._connecting: asyncio.Task[Any] | None = None
         self.port: int | None = None
+        self.foreground = Foreground()
 
     async def start(self) -> None:
         s = self.settings
@@ -131,13 +134,30 @@ class Runtime:
         """Run a listener's slow part after the ack. A Slack request's work runs only if
         no process has acted on the same signature (one spawn per Slack request)."""
         signature = SLACK_SIGNATURE.get()
-        if signature is not None:
-            coro = self._once(signature, coro)
+        self._start(self._once(signature, coro))
+
+    def dispatch_later(self, body: str, query: str, headers: dict[str, str], signature: str) -> None:
+        """Run Bolt's listeners for a Slack request already answered (slack/acks.py)."""
+        self._start(self._dispatch(body, query, headers, signature))
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
-    async def _once(self, signature: str, coro: Coroutine[Any, Any, None]) -> None:
+    async def _dispatch(self, body: str, query: str, headers: dict[str, str], signature: str) -> None:
+        await self.foreground.wait()
+        SLACK_SIGNATURE.set(signature)  # this task's own context: its spawns check it
+        response = await self.bolt.async_dispatch(
+            AsyncBoltRequest(body=body, query=query, headers=headers))
+        if response.status >= 500:
+            log.error("Slack request could not be handled (listener failed)")
+
+    async def _once(self, signature: str | None, coro: Coroutine[Any, Any, None]) -> None:
+        await self.foreground.wait()
+        if signature is None:
+            await coro
+            return
         if not await self.replay_guard.first_time(signature):
             coro.close()
             log.warning("Slack request already handled by another process; not acting twice")

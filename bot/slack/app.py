@@ -9,6 +9,7 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from . import blocks
+from .acks import COMMAND
 from .handlers import Handlers
 
 
@@ -30,7 +31,7 @@ def build_app(handlers: Handlers, client: AsyncWebClient, signing_secret: str | 
         process_before_response=True,
         logger=bolt_log,
     )
-    app.command("/breakglass")(handlers.on_command)
+    app.command(COMMAND)(handlers.on_command)
     app.view(blocks.REQUEST_MODAL)(handlers.on_modal)
     for action_id in (blocks.APPROVE, blocks.DENY, blocks.REVEAL, blocks.REVOKE):
         app.action(action_id)(handlers.on_button)

@@ -22,14 +22,10 @@ from ..core.commands import CommandError
 from ..core.durations import DurationError, format_duration, parse_duration
 from ..core.errors import Refusal
 from ..service import Service
-from . import blocks
+from . import acks, blocks
 
 log = logging.getLogger(__name__)
 
-
-def unescape(text: str) -> str:
-    """Slack escapes &, < and > in command text; the Block Kit builders escape them again."""
-    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 PREPARE_TIMEOUT = 2.0  # inside Slack's 3 s for a modal submission
@@ -49,28 +45,19 @@ class Handlers:
 
     async def on_command(self, ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
         user = str(body.get("user_id", ""))
-        try:
-            cmd = commands.parse_command(unescape(str(body.get("text", ""))), self.pattern)
-        except CommandError as exc:
-            await ack(response_type="ephemeral", text=str(exc))
+        cmd = acks.parse(str(body.get("text", "")), self.pattern)
+        await ack(**acks.command_ack(cmd))
+        if isinstance(cmd, CommandError | commands.Help):
             return
-        if isinstance(cmd, commands.Help):
-            await ack(response_type="ephemeral", text=commands.USAGE)
-        elif isinstance(cmd, commands.OpenModal):
-            await ack()
+        if isinstance(cmd, commands.OpenModal):
             self.spawn(self._open_modal(user, str(body.get("trigger_id", ""))))
         elif isinstance(cmd, commands.ListScopes):
-            await ack(response_type="ephemeral", text="Checking the scopes you may request…")
             self.spawn(self._reply(respond, self._scopes_text(user)))
         elif isinstance(cmd, commands.Status):
-            await ack(response_type="ephemeral", text="Looking up your requests…")
             self.spawn(self._reply(respond, self._status_text(user)))
         elif isinstance(cmd, commands.Revoke):
-            await ack(response_type="ephemeral", text=f"Revoking {cmd.target}…")
             self.spawn(self._reply(respond, self._revoke_text(cmd.target, user)))
         else:
-            await ack(response_type="ephemeral",
-                      text=f"Checking `{cmd.scope}` and its trigger conditions…")
             self.spawn(self._reply(respond, self._request_text(
                 user, cmd.scope, cmd.duration, cmd.reason, cmd.incident)))
 

@@ -1,0 +1,66 @@
+"""What Slack is answered at once: the acknowledgement of a command or a click.
+
+Slack waits for this answer (3 s, then an error for the user); nothing else
+does. So over HTTP, a slash command or a button click is answered from here,
+before Bolt runs its listeners, which then do the work in the background
+(`Runtime.dispatch_later`). The listeners send the same acknowledgement
+through Bolt's `ack()` (it is what Socket Mode returns); both come from here.
+
+A modal submission is not answered here: its answer may be a validation
+error that needs the policy and the trigger probes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core import commands
+from ..core.commands import Command, CommandError
+
+COMMAND = "/breakglass"
+
+
+def unescape(text: str) -> str:
+    """Slack escapes &, < and > in command text; the Block Kit builders escape them again."""
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def parse(text: str, incident_pattern: str) -> Command | CommandError:
+    try:
+        return commands.parse_command(unescape(text), incident_pattern)
+    except CommandError as exc:
+        return exc
+
+
+def command_ack(parsed: Command | CommandError) -> dict[str, Any]:
+    """Keyword arguments for Bolt's `ack()`: an ephemeral line, or nothing (the form opens)."""
+    if isinstance(parsed, CommandError):
+        text = str(parsed)
+    elif isinstance(parsed, commands.Help):
+        text = commands.USAGE
+    elif isinstance(parsed, commands.OpenModal):
+        return {}
+    elif isinstance(parsed, commands.ListScopes):
+        text = "Checking the scopes you may request…"
+    elif isinstance(parsed, commands.Status):
+        text = "Looking up your requests…"
+    elif isinstance(parsed, commands.Revoke):
+        text = f"Revoking {parsed.target}…"
+    else:
+        text = f"Checking `{parsed.scope}` and its trigger conditions…"
+    return {"text": text, "response_type": "ephemeral"}
+
+
+def immediate(form: dict[str, list[str]], payload: dict[str, Any] | None,
+              incident_pattern: str) -> dict[str, Any] | None:
+    """The answer for an HTTP request that needs no listener to decide it, or None.
+
+    `form` is the parsed body; `payload` the parsed interaction payload, if any.
+    The body is what Bolt would send for the same `ack()`: {} is an empty 200."""
+    if payload is None:
+        if form.get("command", [""])[0] == COMMAND and form.get("user_id", [""])[0]:
+            return command_ack(parse(form.get("text", [""])[0], incident_pattern))
+        return None
+    if payload.get("type") == "block_actions":
+        return {}  # every button is acknowledged with an empty 200
+    return None
