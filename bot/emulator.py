@@ -22,6 +22,7 @@ Both transports build their payloads with the same functions
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import secrets
@@ -195,6 +196,8 @@ class SlackEmulator:
         self.ephemerals: list[Ephemeral] = []
         self.views: list[OpenedView] = []
         self.responses: list[ResponsePost] = []
+        # Client (host, port) of every HTTP request: how many connections callers opened.
+        self.connections: collections.Counter[tuple[str, int]] = collections.Counter()
         self.channel_names: dict[str, str] = {"C0GENERAL": "general"}
         self._messages: dict[str, list[Message]] = {}
         self._usergroups: dict[str, list[str]] = {}
@@ -220,7 +223,7 @@ class SlackEmulator:
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._count_connection])
         app.router.add_route("*", "/api/{method}", self._handle_api)
         app.router.add_post("/response/{key}", self._handle_response)
         app.router.add_get("/socket", self._handle_socket)
@@ -483,6 +486,13 @@ class SlackEmulator:
             waiter.set_result(message)
 
     # -- HTTP handlers ------------------------------------------------------
+    @web.middleware
+    async def _count_connection(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.connections[(str(peer[0]), int(peer[1]))] += 1
+        return await handler(request)
+
     async def _handle_api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         params = await _read_params(request)

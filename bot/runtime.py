@@ -9,6 +9,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
@@ -41,13 +42,13 @@ class AppTokenRefused(Exception):
     """Slack refused SLACK_APP_TOKEN; the message names it and says what to do."""
 
 
-def slack_client(settings: Settings) -> AsyncWebClient:
+def slack_client(settings: Settings, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
     # No built-in retries: the outbox owns retrying. A logger pinned at INFO keeps
     # slack_sdk's DEBUG request dumps (which would include token text) out of every log.
     sdk_log = logging.getLogger("bot.slack.sdk")
     sdk_log.setLevel(logging.INFO)
     return AsyncWebClient(token=settings.bot_token, base_url=settings.api_url, timeout=10,
-                          retry_handlers=[], logger=sdk_log)
+                          retry_handlers=[], logger=sdk_log, session=session)
 
 
 class Runtime:
@@ -74,7 +75,10 @@ class Runtime:
         now = self.clock.now()
         self.keyring = await KeyRing.open(self.db, s.master_key, self.policy.tokens.algorithm, now)
         self.audit_key = await sealed_secret(self.db, s.master_key, AUDIT_KEY_NAME)
-        self.client = slack_client(s)
+        # One connection pool for every call to Slack (Web API and response_url): without
+        # it, slack_sdk and Bolt open a new connection (and TLS session) per call.
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self.client = slack_client(s, self.http)
         self.prober = Prober()
         self.directory = Directory(self.policy, self.client)
         self.dispatcher: Dispatcher
@@ -84,7 +88,7 @@ class Runtime:
         self.introspector = Introspector(self.service, self.keyring, self.policy, self.clock)
         self.replay_guard = ReplayGuard(self.db, self.clock)
         self.handlers = Handlers(self.service, self.client, self.spawn)
-        self.bolt = build_app(self.handlers, self.client, s.signing_secret)
+        self.bolt = build_app(self.handlers, self.client, s.signing_secret, self.http)
         self.web = build_web_app(self)
         async with self.db.transaction() as conn:
             await audit.append(conn, self.audit_key, at=now, actor="breakglass", event="started",
@@ -224,4 +228,5 @@ class Runtime:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.prober.close()
+        await self.http.close()
         await self.db.dispose()

@@ -291,3 +291,22 @@ async def test_metrics(box: Sandbox) -> None:
                  "breakglass_slack_ack_seconds"):
         assert name in text
     assert 'breakglass_requests_total{outcome="opened"}' in text
+
+
+async def test_calls_to_slack_reuse_connections(box: Sandbox) -> None:
+    """Web API calls and response_url posts share one connection pool: a new TCP (and,
+    against Slack, TLS) connection per message would cost more than the message."""
+    from bot.sandbox import BOB, CAROL, REVIEWS
+
+    box.emulator.connections.clear()
+    for n in range(3):
+        await box.slack.command(ALICE, f"payments-write 30m INC-{n} auth provider down")
+        await box.settle()
+        rid = box.latest_request_id()
+        for approver in (BOB, CAROL):
+            await box.slack.click(approver, "bg_approve", rid, channel_id=REVIEWS)
+            await box.settle()
+    requests_seen = sum(box.emulator.connections.values())
+    assert len(box.emulator.responses) >= 3 and requests_seen >= 20
+    assert len(box.emulator.connections) <= 4, (
+        f"{len(box.emulator.connections)} connections for {requests_seen} requests")

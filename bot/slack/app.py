@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import aiohttp
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.context.respond.async_respond import AsyncRespond
+from slack_bolt.context.respond.internals import _build_message
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from . import blocks
 from .acks import COMMAND
@@ -20,7 +28,25 @@ class _DropTokenNotice(logging.Filter):
         return "`token` will be unused" not in record.getMessage()
 
 
-def build_app(handlers: Handlers, client: AsyncWebClient, signing_secret: str | None) -> AsyncApp:
+class PooledRespond(AsyncRespond):
+    """Bolt's respond(), over the bot's shared connection pool (Bolt's own opens a new
+    connection for every message)."""
+
+    def __init__(self, *, response_url: str | None, session: aiohttp.ClientSession) -> None:
+        super().__init__(response_url=response_url)
+        self.session = session
+
+    async def __call__(self, text: str | dict[str, Any] = "", **kwargs: Any) -> Any:  # type: ignore[override]
+        if self.response_url is None:
+            raise ValueError("respond is unsupported here as there is no response_url")
+        client = AsyncWebhookClient(url=self.response_url, session=self.session)
+        message = _build_message(**text) if isinstance(text, dict) else _build_message(
+            text=text, **kwargs)
+        return await client.send_dict(message)
+
+
+def build_app(handlers: Handlers, client: AsyncWebClient, signing_secret: str | None,
+              session: aiohttp.ClientSession | None = None) -> AsyncApp:
     bolt_log = logging.getLogger("bot.slack.bolt")
     bolt_log.addFilter(_DropTokenNotice())
     app = AsyncApp(
@@ -31,6 +57,16 @@ def build_app(handlers: Handlers, client: AsyncWebClient, signing_secret: str | 
         process_before_response=True,
         logger=bolt_log,
     )
+    if session is not None:
+
+        async def pooled_respond(req: AsyncBoltRequest, resp: BoltResponse,
+                                 next: Callable[[], Awaitable[BoltResponse]]) -> BoltResponse:
+            if req.context.response_url:
+                req.context["respond"] = PooledRespond(response_url=req.context.response_url,
+                                                       session=session)
+            return await next()
+
+        app.middleware(pooled_respond)
     app.command(COMMAND)(handlers.on_command)
     app.view(blocks.REQUEST_MODAL)(handlers.on_modal)
     for action_id in (blocks.APPROVE, blocks.DENY, blocks.REVEAL, blocks.REVOKE):
