@@ -88,12 +88,14 @@ token (``xoxb-...``, ``xapp-...``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
 import json
 import re
 import sqlite3
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -420,7 +422,8 @@ async def append_many(conn: AsyncConnection, key: bytes, events: Sequence[AuditE
 
     Everything is validated before the database is touched, so a refused event
     appends nothing (``ValueError``; ``TypeError`` for details JSON cannot hold).
-    One read of the head, one executemany insert. Concurrent appenders queue:
+    One read of the head (none for a second append in the same transaction: the
+    head the first one left is remembered), one executemany insert. Concurrent appenders queue:
     SQLite's BEGIN IMMEDIATE (``Database.transaction``), or on PostgreSQL a
     transaction-scoped advisory lock taken here, before the head is read (use
     READ COMMITTED, the default: a snapshot older than the lock would see a
@@ -430,10 +433,16 @@ async def append_many(conn: AsyncConnection, key: bytes, events: Sequence[AuditE
     if not prepared:
         return []
     sqlite = conn.dialect.name == "sqlite"
-    if conn.dialect.name == "postgresql":
-        # Serialise appenders until this transaction ends (SQLite: BEGIN IMMEDIATE does it).
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_ID})
-    seq, prev = await head(conn)
+    known = _known_head(conn)
+    if known is not None:
+        # A second append in this transaction: the lock is held and the head is
+        # the one the first append left (no other writer can have moved it).
+        seq, prev = known
+    else:
+        if conn.dialect.name == "postgresql":
+            # Serialise appenders until this transaction ends (SQLite: BEGIN IMMEDIATE does it).
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_ID})
+        seq, prev = await head(conn)
     first = seq + 1
     tuples: list[tuple[Any, ...]] = []
     dicts: list[dict[str, Any]] = []
@@ -457,11 +466,49 @@ async def append_many(conn: AsyncConnection, key: bytes, events: Sequence[AuditE
                     "mac": prev,
                 }
             )
+    _forget_head(conn)  # if the insert fails, the next append reads the head again
     if sqlite:
         await conn.exec_driver_sql(_INSERT_SQLITE, tuples if len(tuples) > 1 else tuples[0])
     else:
         await conn.execute(audit_log.insert(), dicts)
+    _remember_head(conn, seq, prev)
     return list(range(first, seq + 1))
+
+
+# The head an append left, remembered for the rest of *its* transaction only: the
+# entry names the transaction object (weakly), so a later transaction on the same pooled
+# connection (another process may have appended in between) never sees it. A wrong
+# guess could not fork the chain anyway: the trigger refuses any seq but max + 1.
+_HEAD_INFO = "breakglass.audit_head"
+
+
+def _current_transaction(conn: AsyncConnection) -> Any:
+    sync = getattr(conn, "sync_connection", None) or conn
+    with contextlib.suppress(Exception):
+        if sync.in_nested_transaction():
+            return None  # a savepoint may roll back the append: do not trust a remembered head
+        return sync.get_transaction()
+    return None
+
+
+def _known_head(conn: AsyncConnection) -> tuple[int, str] | None:
+    tx = _current_transaction(conn)
+    if tx is None:
+        return None
+    entry = conn.info.get(_HEAD_INFO)
+    if entry is None or entry[0]() is not tx or not tx.is_active:
+        return None
+    return entry[1], entry[2]
+
+
+def _remember_head(conn: AsyncConnection, seq: int, mac: str) -> None:
+    tx = _current_transaction(conn)
+    if tx is not None:
+        conn.info[_HEAD_INFO] = (weakref.ref(tx), seq, mac)
+
+
+def _forget_head(conn: AsyncConnection) -> None:
+    conn.info.pop(_HEAD_INFO, None)
 
 
 async def append(

@@ -58,7 +58,9 @@ from typing import Any
 import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
-from sqlalchemy import and_, func, insert, select, text, update
+from sqlalchemy import and_, bindparam, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -97,20 +99,42 @@ class Rendered:
 Materialise = Callable[[dict[str, Any]], Awaitable[Rendered | None]]
 
 
+def row(now: datetime, *, lane: str, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """One outbox row, for `enqueue_many`."""
+    return {
+        "lane": lane,
+        "kind": kind,
+        "payload": json.dumps(payload, separators=(",", ":")),
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
+
+
+def post_row(now: datetime, channel: str, text: str, blocks: list[dict[str, Any]] | None = None,
+             key: str | None = None, lane: str | None = None) -> dict[str, Any]:
+    return row(now, lane=lane or channel, kind="post",
+               payload={"channel": channel, "text": text, "blocks": blocks, "key": key})
+
+
+def update_row(now: datetime, key: str, lane: str, text: str,
+               blocks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return row(now, lane=lane, kind="update", payload={"key": key, "text": text, "blocks": blocks})
+
+
+async def enqueue_many(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert `rows` (from `row`, `post_row`, `update_row`) in one statement, in order:
+    their ids, and so their order in each lane, follow the list."""
+    if not rows:
+        return
+    await conn.execute(insert(outbox), list(rows) if len(rows) > 1 else rows[0])
+
+
 async def enqueue(
     conn: AsyncConnection, now: datetime, *, lane: str, kind: str, payload: dict[str, Any]
 ) -> None:
-    await conn.execute(
-        insert(outbox).values(
-            lane=lane,
-            kind=kind,
-            payload=json.dumps(payload, separators=(",", ":")),
-            status="pending",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
-    )
+    await enqueue_many(conn, [row(now, lane=lane, kind=kind, payload=payload)])
 
 
 def post(conn: AsyncConnection, now: datetime, channel: str, text: str,
@@ -143,7 +167,34 @@ class Outcome(enum.Enum):
     RETRY = "retry"  # the lane waits for this row
 
 
+@dataclass
+class _Done:
+    """A delivered (or dead) row waiting for its outcome to be recorded."""
+
+    row: dict[str, Any]
+    status: str
+    error: str | None
+    posted: tuple[str, str, str] | None
+    rest: list[int]
+    fut: asyncio.Future[None]
+
+
 class Dispatcher:
+    """Delivers outbox rows (see the module docstring).
+
+    Database work per round, kept small because each statement costs:
+
+    * A round starts with a read-only look for due rows (no write lock when nothing is
+      due), except after a `wake` (or a round that left work due at once): then
+      something is due, and the claim transaction looks for itself.
+    * The claim also reads which of the claimed rows' message keys are already
+      recorded in `slack_messages`; a keyed post at the head of its lane, sent right
+      after the claim, trusts that answer instead of asking again.
+    * Outcomes of concurrent lanes are recorded together (a group commit): a lane
+      still waits until its row is recorded before it sends the next one, so what a
+      crash can lose is what it could lose before.
+    """
+
     def __init__(
         self,
         db: Database,
@@ -156,6 +207,7 @@ class Dispatcher:
         max_delay: float = 300.0,
         poll_interval: float = 0.5,
         lease: float | None = None,
+        yield_to: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.db = db
         self.client = client
@@ -166,10 +218,21 @@ class Dispatcher:
         self.max_delay = max_delay
         self.poll_interval = poll_interval
         self.lease = timedelta(seconds=lease) if lease is not None else _lease_for(client)
+        self.yield_to = yield_to  # awaited before each claim (e.g. while Slack acks are served)
         self._wake = asyncio.Event()
         self._next_due: datetime | None = None
+        self._dirty = True  # something may be due: the next round claims without a look first
+        self._again = False  # the last round left work that may be due at once
+        self._seen_pending = -1  # pending rows the last look or claim saw (-1: not known)
+        self._round = asyncio.Lock()  # one round at a time in this process (run loop, drain)
+        # This round: message keys known to be recorded, and those not recorded at claim time.
+        self._known: dict[str, tuple[str, str]] = {}
+        self._absent: set[str] = set()
+        self._done: list[_Done] = []
+        self._recorder: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
+        self._dirty = True
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -180,8 +243,10 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - the loop must survive a bad round
                 log.exception("outbox round failed")
                 busy = 0
-            if busy:
+            if busy and self._again:
                 continue
+            # Otherwise nothing is due at once: new rows come with a wake (or, from another
+            # process, by the poll), backoffs and leases end at _next_due.
             await self._sleep(stop)
 
     async def _sleep(self, stop: asyncio.Event) -> None:
@@ -206,9 +271,13 @@ class Dispatcher:
                 # cut short stays leased and goes out after the lease, from the next start.
                 claimed = await asyncio.wait_for(self.deliver_once(), deadline - loop.time())
             except TimeoutError:
+                # What was sent before the cut is being recorded: let that finish.
+                recorder = self._recorder
+                if recorder is not None and not recorder.done():
+                    await asyncio.wait([recorder], timeout=1.0)
                 break
-            if claimed == 0 and await self.pending_count() == 0:
-                return 0
+            if claimed == 0 and self._seen_pending == 0:
+                return 0  # the round's own look found no pending row at all
             pause = 0.05
             if self._next_due is not None:
                 pause = min(0.05, max(0.005, (self._next_due - self.clock.now()).total_seconds()))
@@ -222,42 +291,66 @@ class Dispatcher:
 
     async def deliver_once(self) -> int:
         """One round: claim what is due in every lane and deliver it; returns rows claimed."""
-        lanes = await self._claim()
-        if not lanes:
-            return 0
-        results = await asyncio.gather(*(self._deliver_lane(rows) for rows in lanes),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                # The database's own error (it never holds token text); cut short.
-                log.error("outbox lane failed: %s: %s", type(result).__name__, str(result)[:300])
-        return sum(len(rows) for rows in lanes)
+        async with self._round:
+            self._again = False
+            lanes = await self._claim()
+            if not lanes:
+                return 0
+            results = await asyncio.gather(*(self._deliver_lane(rows) for rows in lanes),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    # The database's own error (it never holds token text); cut short.
+                    log.error("outbox lane failed: %s: %s", type(result).__name__,
+                              str(result)[:300])
+                    self._again = True
+            if any(len(rows) >= BATCH_PER_LANE for rows in lanes):
+                self._again = True  # a lane may hold more than one claim takes
+            if self._again:
+                self._dirty = True
+            return sum(len(rows) for rows in lanes)
 
     async def _claim(self) -> list[list[dict[str, Any]]]:
         now = self.clock.now()
-        # Idle rounds only read: no write lock unless something is due.
-        async with self.db.read() as conn:
-            by_lane, next_due = await self._due(conn, now)
-        if not by_lane:
-            self._next_due = next_due
-            return []
+        look, self._dirty = not self._dirty, False
+        if look:
+            # Idle rounds only read: no write lock unless something is due.
+            async with self.db.read() as conn:
+                by_lane, next_due, seen = await self._due(conn, now)
+            self._seen_pending = seen
+            if not by_lane:
+                self._next_due = next_due
+                return []
+        if self.yield_to is not None:
+            await self.yield_to()
+            now = self.clock.now()
         async with self.db.transaction() as conn:
             if conn.dialect.name == "postgresql":
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_ID})
-            by_lane, next_due = await self._due(conn, now)  # again, under the lock
+            by_lane, next_due, seen = await self._due(conn, now)  # again, under the lock
             ids = [r["id"] for rs in by_lane.values() for r in rs]
+            self._known, self._absent = {}, set()
             if ids:
                 await conn.execute(
                     update(outbox).where(and_(outbox.c.id.in_(ids), outbox.c.status == "pending"))
                     .values(next_attempt_at=now + self.lease, attempts=outbox.c.attempts + 1)
                 )
+                keys = {k for rs in by_lane.values() for r in rs if (k := _key_of(r["payload"]))}
+                if keys:
+                    found = (await conn.execute(
+                        select(slack_messages.c.key, slack_messages.c.channel, slack_messages.c.ts)
+                        .where(slack_messages.c.key.in_(sorted(keys))))).all()
+                    self._known = {k: (c, t) for k, c, t in found}
+                    self._absent = keys - set(self._known)
+        self._seen_pending = seen
         self._next_due = next_due
         return [rs for rs in by_lane.values() if rs]
 
     @staticmethod
     async def _due(conn: AsyncConnection, now: datetime
-                   ) -> tuple[dict[str, list[dict[str, Any]]], datetime | None]:
-        """The first rows of every lane that are due, up to BATCH_PER_LANE, in order."""
+                   ) -> tuple[dict[str, list[dict[str, Any]]], datetime | None, int]:
+        """The first rows of every lane that are due, up to BATCH_PER_LANE, in order; when
+        the first row that is not due is; and how many pending rows were looked at."""
         rn = func.row_number().over(partition_by=outbox.c.lane, order_by=outbox.c.id).label("rn")
         heads = select(outbox, rn).where(outbox.c.status == "pending").subquery()
         rows = (
@@ -280,12 +373,14 @@ class Dispatcher:
                 continue
             by_lane.setdefault(lane, []).append(
                 {k: row[k] for k in ("id", "lane", "kind", "payload", "attempts")})
-        return by_lane, next_due
+        return by_lane, next_due, len(rows)
 
     async def _deliver_lane(self, rows: list[dict[str, Any]]) -> None:
         for i, row in enumerate(rows):
             rest = [r["id"] for r in rows[i + 1:]]
-            outcome = await self._deliver(row, rest)
+            outcome = await self._deliver(row, rest, fresh=i == 0)
+            if outcome is not Outcome.SENT:
+                self._again = True  # a retry or dead letter changes what is due when
             if outcome is Outcome.RETRY:
                 # Keep order: release the rest of this lane's claim untouched.
                 if rest:
@@ -298,7 +393,10 @@ class Dispatcher:
                         )
                 return
 
-    async def _deliver(self, row: dict[str, Any], rest: Sequence[int] = ()) -> Outcome:
+    async def _deliver(self, row: dict[str, Any], rest: Sequence[int] = (), *,
+                       fresh: bool = False) -> Outcome:
+        """`fresh`: the row is the first of its lane in this round, so what the claim read
+        about its message key is still current."""
         attempts = int(row["attempts"]) + 1  # this attempt, as counted by the claim
         kind = row["kind"]
         try:
@@ -308,7 +406,7 @@ class Dispatcher:
         try:
             if not isinstance(payload, dict):
                 raise _Dead("payload is not a JSON object")
-            posted = await self._send(kind, payload, int(row["id"]))
+            posted = await self._send(kind, payload, int(row["id"]), fresh)
         except _Dead as exc:
             await self._dead(row, attempts, str(exc), rest)
             return Outcome.DEAD
@@ -352,11 +450,12 @@ class Dispatcher:
         ceiling = min(self.max_delay, self.base_delay * 2 ** min(attempts - 1, 60))
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
 
-    async def _send(self, kind: str, p: dict[str, Any], row_id: int) -> tuple[str, str, str] | None:
+    async def _send(self, kind: str, p: dict[str, Any], row_id: int,
+                    fresh: bool = False) -> tuple[str, str, str] | None:
         """Do the Slack call; returns (key, channel, ts) for a keyed post."""
         if kind == "post":
             key = p.get("key")
-            if key and await self._message(key):
+            if key and await self._recorded(key, fresh):
                 return None  # posted before a crash: never post twice
             resp = await self._call("chat_postMessage", channel=p["channel"], text=p["text"],
                                     blocks=p.get("blocks"), unfurl_links=False, unfurl_media=False)
@@ -364,7 +463,7 @@ class Dispatcher:
                 return key, str(resp["channel"]), str(resp["ts"])
             return None
         if kind == "update":
-            where = await self._message(p["key"])
+            where = await self._recorded(p["key"], False)
             if where is None:
                 if await self._post_waiting(p["key"], row_id):
                     raise _Retry(f"the message {p['key']} is not posted yet")
@@ -375,7 +474,7 @@ class Dispatcher:
                              blocks=p.get("blocks") or [])
             return None
         if kind == "token_dm":
-            if await self._message(p["key"]):
+            if await self._recorded(p["key"], fresh):
                 return None
             rendered = await self.materialise(p)
             if rendered is None:
@@ -384,6 +483,18 @@ class Dispatcher:
                                     blocks=rendered.blocks, unfurl_links=False, unfurl_media=False)
             return p["key"], str(resp["channel"]), str(resp["ts"])
         raise _Dead(f"unknown outbox kind {kind!r}")
+
+    async def _recorded(self, key: Any, fresh: bool) -> tuple[str, str] | None:
+        """Where the message `key` was posted, if it was. A recorded key never changes, so
+        what this round learnt stands; "not recorded" is trusted only while `fresh`."""
+        if not isinstance(key, str):
+            return await self._message(key)
+        where = self._known.get(key)
+        if where is not None:
+            return where
+        if fresh and key in self._absent:
+            return None
+        return await self._message(key)
 
     async def _call(self, method: str, **kwargs: Any) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -427,40 +538,80 @@ class Dispatcher:
 
     async def _finish(self, row: dict[str, Any], status: str, error: str | None,
                       posted: tuple[str, str, str] | None = None, rest: Sequence[int] = ()) -> None:
-        """Mark the row done and renew the lease on the rest of its lane's claim.
+        """Mark the row done and renew the lease on the rest of its lane's claim; return
+        once that is committed.
 
-        After a send this must not be lost (a lost 'sent' means a second post),
-        so a failing commit is tried again for a few seconds.
+        Rows finished by concurrent lanes are recorded in one transaction (see
+        `_record_all`). After a send this must not be lost (a lost 'sent' means a second
+        post), so a failing commit is tried again for a few seconds; and it goes on even
+        if the lane waiting for it is cancelled.
         """
+        done = _Done(row, status, error, posted, list(rest),
+                     asyncio.get_running_loop().create_future())
+        self._done.append(done)
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_all())
+        await done.fut
+
+    async def _record_all(self) -> None:
+        batch: list[_Done] = []
+        try:
+            while self._done:
+                batch, self._done = self._done, []
+                try:
+                    await self._record(batch)
+                except Exception as exc:  # noqa: BLE001 - each waiting lane hears about it
+                    for d in batch:
+                        if not d.fut.done():
+                            d.fut.set_exception(exc)
+                    continue
+                for d in batch:
+                    if not d.fut.done():
+                        d.fut.set_result(None)
+        finally:
+            for d in (*batch, *self._done):  # cancelled (the loop is closing): not recorded
+                if not d.fut.done():
+                    d.fut.cancel()
+
+    async def _record(self, batch: list[_Done]) -> None:
         for attempt in range(5):
             try:
-                await self._finish_once(row, status, error, posted, rest)
+                await self._record_once(batch)
                 return
             except DBAPIError:
                 if attempt == 4:
                     raise
-                log.warning("outbox event %s: could not record %s yet; trying again",
-                            row["id"], status)
+                log.warning("outbox event(s) %s: could not record %s yet; trying again",
+                            ", ".join(str(d.row["id"]) for d in batch),
+                            "/".join(sorted({d.status for d in batch})))
                 await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def _finish_once(self, row: dict[str, Any], status: str, error: str | None,
-                           posted: tuple[str, str, str] | None, rest: Sequence[int]) -> None:
+    async def _record_once(self, batch: list[_Done]) -> None:
         now = self.clock.now()
+        sent = [d.row["id"] for d in batch if d.status == "sent" and d.error is None]
+        others = [d for d in batch if not (d.status == "sent" and d.error is None)]
+        posted: dict[str, tuple[str, str]] = {}
+        for d in batch:
+            if d.posted:
+                posted.setdefault(d.posted[0], (d.posted[1], d.posted[2]))
+        rest = sorted({i for d in batch for i in d.rest})
         async with self.db.transaction() as conn:
-            await conn.execute(
-                update(outbox).where(outbox.c.id == row["id"])
-                .values(status=status, sent_at=now, last_error=error)
-            )
-            if posted:
-                key, channel, ts = posted
-                exists = await conn.scalar(
-                    select(func.count()).where(slack_messages.c.key == key))
-                if not exists:
-                    await conn.execute(insert(slack_messages).values(key=key, channel=channel, ts=ts))
+            if sent:
+                await conn.execute(update(outbox).where(outbox.c.id.in_(sent))
+                                   .values(status="sent", sent_at=now, last_error=None))
+            if others:
+                await conn.execute(
+                    update(outbox).where(outbox.c.id == bindparam("b_id"))
+                    .values(status=bindparam("b_status"), sent_at=bindparam("b_at"),
+                            last_error=bindparam("b_error")),
+                    [{"b_id": d.row["id"], "b_status": d.status, "b_at": now, "b_error": d.error}
+                     for d in others])
+            inserted = await _record_posts(conn, posted)
             if rest:
                 await conn.execute(
                     update(outbox).where(and_(outbox.c.id.in_(rest), outbox.c.status == "pending"))
                     .values(next_attempt_at=now + self.lease))
+        self._known.update({k: posted[k] for k in inserted})
 
     async def _reschedule(self, row: dict[str, Any], delay: float, error: str,
                           refund: bool = False) -> None:
@@ -515,6 +666,42 @@ async def counts(db: Database) -> dict[str, int]:
     out = {"pending": 0, "sent": 0, "dead": 0}
     out.update({str(s): int(n) for s, n in rows})
     return out
+
+
+async def _record_posts(conn: AsyncConnection, posted: dict[str, tuple[str, str]]) -> set[str]:
+    """Record (channel, ts) of posted message keys; a key already recorded keeps its first
+    record. Returns the keys recorded here (when the database can say: else none)."""
+    if not posted:
+        return set()
+    rows = [{"key": k, "channel": c, "ts": t} for k, (c, t) in posted.items()]
+    name = conn.dialect.name
+    if name in ("sqlite", "postgresql"):
+        insert_ = sqlite_insert if name == "sqlite" else pg_insert
+        stmt = insert_(slack_messages).on_conflict_do_nothing(index_elements=["key"])
+        dialect = conn.dialect
+        if dialect.insert_returning and (len(rows) == 1 or dialect.insert_executemany_returning):
+            result = await conn.execute(stmt.returning(slack_messages.c.key),
+                                        rows if len(rows) > 1 else rows[0])
+            return set(result.scalars())
+        await conn.execute(stmt, rows if len(rows) > 1 else rows[0])
+        return set()
+    inserted = set()
+    for r in rows:
+        exists = await conn.scalar(select(func.count()).where(slack_messages.c.key == r["key"]))
+        if not exists:
+            await conn.execute(insert(slack_messages).values(**r))
+            inserted.add(r["key"])
+    return inserted
+
+
+def _key_of(payload: Any) -> str | None:
+    """The message key a row's payload names, if any."""
+    try:
+        p = json.loads(payload)
+    except (TypeError, ValueError):
+        return None
+    key = p.get("key") if isinstance(p, dict) else None
+    return key if isinstance(key, str) and key else None
 
 
 def _retry_after(headers: Any) -> float:

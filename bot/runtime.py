@@ -84,7 +84,8 @@ class Runtime:
         self.dispatcher: Dispatcher
         self.service = Service(self.db, self.policy, self.keyring, self.directory, self.prober,
                                self.clock, self.audit_key, wake_outbox=lambda: self.dispatcher.wake())
-        self.dispatcher = Dispatcher(self.db, self.client, self.clock, self.service.materialise_dm)
+        self.dispatcher = Dispatcher(self.db, self.client, self.clock, self.service.materialise_dm,
+                                     yield_to=self.foreground.wait)
         self.introspector = Introspector(self.service, self.keyring, self.policy, self.clock)
         self.replay_guard = ReplayGuard(self.db, self.clock)
         self.handlers = Handlers(self.service, self.client, self.spawn)
@@ -213,7 +214,9 @@ class Runtime:
             await self._runner.shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_seconds
-        if self._tasks:
+        # Answered requests start their work later (dispatch, then spawn): wait for
+        # those too, until none is left or the deadline passes.
+        while self._tasks and loop.time() < deadline:
             await asyncio.wait(list(self._tasks), timeout=max(0.1, deadline - loop.time()))
         await self.introspector.flush()  # uses counted in memory: written before the database closes
         self._stop.set()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,6 +54,30 @@ def dm_lane(user: str) -> str:
     return f"dm:{user}"
 
 
+class _Writes:
+    """What one use case's transaction writes besides its state change: audit events
+    and outbox rows. They are collected as the use case runs and written when it ends
+    (`Service._write`): one head read and one INSERT for the events, one INSERT for the
+    rows, in the order they were added. Nothing is written if the use case raises."""
+
+    __slots__ = ("conn", "events", "rows")
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.events: list[audit.AuditEvent] = []
+        self.rows: list[dict[str, Any]] = []
+
+    async def flush(self, audit_key: bytes) -> None:
+        events, rows = self.events, self.rows
+        self.events, self.rows = [], []
+        if events:
+            await audit.append_many(self.conn, audit_key, events)
+        await outbox.enqueue_many(self.conn, rows)
+
+
+_SCOPE_CACHE = 10_000  # request id -> scope name, for clicks (a request's scope never changes)
+
+
 @dataclass(frozen=True)
 class Draft:
     """A request that passed every check that needs no probe."""
@@ -88,6 +113,7 @@ class Service:
         self.audit_key = audit_key
         self.wake_outbox = wake_outbox
         self._rate_alerts: dict[str, datetime] = {}
+        self._scopes: dict[str, str] = {}
 
     # -- helpers -----------------------------------------------------------
 
@@ -105,31 +131,44 @@ class Service:
     async def approvers(self, scope: Scope) -> frozenset[str]:
         return await self.directory.members(scope.approvers)
 
-    async def _audit(self, conn: AsyncConnection, actor: str, event: str,
-                     details: dict[str, Any], request_id: str | None = None) -> None:
-        await audit.append(conn, self.audit_key, at=self.clock.now(), actor=actor, event=event,
-                           details=details, request_id=request_id)
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[_Writes]:
+        """One write transaction; its audit events and outbox rows are written at its end."""
+        async with self.db.transaction() as conn:
+            w = _Writes(conn)
+            yield w
+            await w.flush(self.audit_key)
+
+    def _remember_scope(self, request_id: str, scope_name: str) -> None:
+        scopes = self._scopes
+        if request_id not in scopes and len(scopes) >= _SCOPE_CACHE:
+            del scopes[next(iter(scopes))]  # the oldest
+        scopes[request_id] = scope_name
+
+    def _audit(self, w: _Writes, actor: str, event: str,
+               details: dict[str, Any], request_id: str | None = None) -> None:
+        w.events.append(audit.AuditEvent(at=self.clock.now(), actor=actor, event=event,
+                                         details=details, request_id=request_id))
 
     async def _refuse(self, actor: str, refusal: Refusal, details: dict[str, Any],
                       request_id: str | None = None) -> Refusal:
         """Record a security-relevant refusal in the audit log; changes nothing else."""
         metrics.REFUSALS.labels(code=refusal.code).inc()
-        async with self.db.transaction() as conn:
-            await self._audit(conn, actor, "refused", {"code": refusal.code, **details},
-                              request_id)
+        async with self._write() as w:
+            self._audit(w, actor, "refused", {"code": refusal.code, **details}, request_id)
         return refusal
 
-    async def _card(self, conn: AsyncConnection, req: Request, scope: Scope | None) -> None:
+    def _card(self, w: _Writes, req: Request, scope: Scope | None) -> None:
         permissions = scope.permissions if scope else req.extra.get("grant", {}).get("permissions", [])
         quorum_n = scope.quorum if scope else len(req.approvals)
         label = self.approver_label(scope) if scope else "approvers"
         tally = quorum.tally(req.approvals, quorum_n)
-        await outbox.update_message(
-            conn, self.clock.now(), card_key(req.id), self.reviewer_channel,
-            blocks.card_text(req), blocks.card(req, permissions, tally, label))
+        w.rows.append(outbox.update_row(
+            self.clock.now(), card_key(req.id), self.reviewer_channel,
+            blocks.card_text(req), blocks.card(req, permissions, tally, label)))
 
-    async def _incident(self, conn: AsyncConnection, text: str) -> None:
-        await outbox.post(conn, self.clock.now(), self.incident_channel, text)
+    def _incident(self, w: _Writes, text: str) -> None:
+        w.rows.append(outbox.post_row(self.clock.now(), self.incident_channel, text))
 
     # -- request -------------------------------------------------------------
 
@@ -167,12 +206,12 @@ class Service:
                           "Ask a colleague on call, or wait.")
         metrics.REFUSALS.labels(code=refusal.code).inc()
         last = self._rate_alerts.get(user)
-        async with self.db.transaction() as conn:
-            await self._audit(conn, user, "refused", {"code": refusal.code, "scope": scope_name,
-                                                      "recent": recent})
+        async with self._write() as w:
+            self._audit(w, user, "refused", {"code": refusal.code, "scope": scope_name,
+                                             "recent": recent})
             if last is None or now - last > limits.rate_window:
                 self._rate_alerts[user] = now
-                await self._incident(conn, blocks.incident_refused(
+                self._incident(w, blocks.incident_refused(
                     user, scope_name, None,
                     f"rate limit reached ({recent} requests in {_fmt(limits.rate_window)})"))
         self.wake_outbox()
@@ -186,11 +225,11 @@ class Service:
         if failing:
             why = "; ".join(f"trigger `{r.name}` does not hold ({r.description}: {r.detail})"
                             for r in failing)
-            async with self.db.transaction() as conn:
-                await self._audit(conn, draft.requester, "refused", {
+            async with self._write() as w:
+                self._audit(w, draft.requester, "refused", {
                     "code": "trigger_not_holding", "scope": draft.scope_name,
                     "incident": draft.incident, "triggers": [r.as_dict() for r in results]})
-                await self._incident(conn, blocks.incident_refused(
+                self._incident(w, blocks.incident_refused(
                     draft.requester, draft.scope_name, draft.incident, why))
             self.wake_outbox()
             metrics.REQUESTS.labels(outcome="refused").inc()
@@ -204,17 +243,19 @@ class Service:
             expires_at=now + self.policy.requests.expire_after, triggers=results,
         )
         tally = quorum.tally((), draft.scope.quorum)
-        async with self.db.transaction() as conn:
-            await store.insert_request(conn, req)
-            await self._audit(conn, req.requester, "requested", {
+        async with self._write() as w:
+            await store.insert_request(w.conn, req)
+            self._audit(w, req.requester, "requested", {
                 "scope": req.scope, "ttl_s": int(req.ttl.total_seconds()),
                 "requested_ttl_s": int(req.requested_ttl.total_seconds()),
                 "reason": req.reason, "incident": req.incident,
                 "triggers": [r.as_dict() for r in results]}, req.id)
-            await outbox.post(conn, now, self.reviewer_channel, blocks.card_text(req),
-                              blocks.card(req, draft.scope.permissions, tally,
-                                          self.approver_label(draft.scope)), key=card_key(req.id))
-            await self._incident(conn, blocks.incident_requested(req, tally))
+            w.rows.append(outbox.post_row(
+                now, self.reviewer_channel, blocks.card_text(req),
+                blocks.card(req, draft.scope.permissions, tally, self.approver_label(draft.scope)),
+                key=card_key(req.id)))
+            self._incident(w, blocks.incident_requested(req, tally))
+        self._remember_scope(req.id, req.scope)
         self.wake_outbox()
         metrics.REQUESTS.labels(outcome="opened").inc()
         return req
@@ -223,76 +264,88 @@ class Service:
 
     async def decide(self, request_id: str, user: str, approve: bool) -> Request:
         """Count one Approve or Deny click. Quorum issues the token, once."""
-        async with self.db.read() as conn:
-            current = await store.load(conn, request_id)
-        if current is None:
-            raise Refusal("unknown_request", f"There is no request {request_id}.")
-        scope = self.policy.scope_named(current.scope)
+        scope_name = self._scopes.get(request_id)
+        if scope_name is None:
+            # Only the scope is needed out here (its approvers may ask Slack: outside the
+            # transaction); the transaction reads the request again and decides on that.
+            async with self.db.read() as conn:
+                current = await store.load(conn, request_id)
+            if current is None:
+                raise Refusal("unknown_request", f"There is no request {request_id}.")
+            scope_name = current.scope
+            self._remember_scope(request_id, scope_name)
+        scope = self.policy.scope_named(scope_name)
         if scope is None:
             raise Refusal("scope_removed", f"The scope of {request_id} is no longer in the policy.")
         approvers = await self.approvers(scope)  # may ask Slack: outside the transaction
         decision = "approve" if approve else "deny"
         now = self.clock.now()
         refusal: Refusal | None = None
-        async with self.db.transaction() as conn:
-            req = await store.load(conn, request_id, lock=True)
-            assert req is not None
+        async with self._write() as w:
+            req = await store.load(w.conn, request_id, lock=True)
+            if req is None:  # pragma: no cover - requests are never deleted
+                raise Refusal("unknown_request", f"There is no request {request_id}.")
             try:
                 quorum.judge_click(req, user, approvers, self.approver_label(scope))
             except Refusal as exc:
                 refusal = exc
             if refusal is None:
-                req = await self._apply_decision(conn, req, scope, user, decision, now)
+                req = await self._apply_decision(w, req, scope, user, decision, now)
         if refusal is not None:
             raise await self._refuse(user, refusal, {"action": decision}, request_id)
         self.wake_outbox()
-        assert req is not None
         return req
 
-    async def _apply_decision(self, conn: AsyncConnection, req: Request, scope: Scope,
+    async def _apply_decision(self, w: _Writes, req: Request, scope: Scope,
                               user: str, decision: str, now: datetime) -> Request:
+        """`req` was read in this transaction (under its lock): the request after each
+        write is built from it, not read again."""
+        conn = w.conn
         await store.add_decision(conn, req.id, user, decision, now)
-        await self._audit(conn, user, "approved" if decision == "approve" else "denied",
-                          {"scope": req.scope}, req.id)
+        req = store.decided(req, user, decision)
+        self._audit(w, user, "approved" if decision == "approve" else "denied",
+                    {"scope": req.scope}, req.id)
         if decision == "deny":
             if not await store.transition(conn, req.id, [State.PENDING], State.DENIED,
                                           closed_at=now, closed_by=user):
                 raise Refusal("request_closed", f"Request {req.id} is already closed.")
-            req = await _reload(conn, req.id)
-            await self._card(conn, req, scope)
-            await self._incident(conn, blocks.incident_denied(req))
-            await outbox.post(conn, now, req.requester,
-                              f"Your break-glass request {req.id} for {req.scope} was denied "
-                              f"by <@{user}>.", lane=dm_lane(req.requester))
+            req = store.moved(req, State.DENIED, closed_at=now, closed_by=user)
+            self._card(w, req, scope)
+            self._incident(w, blocks.incident_denied(req))
+            w.rows.append(outbox.post_row(
+                now, req.requester,
+                f"Your break-glass request {req.id} for {req.scope} was denied by <@{user}>.",
+                lane=dm_lane(req.requester)))
             metrics.REQUESTS.labels(outcome="denied").inc()
             return req
-        req = await _reload(conn, req.id)
         tally = quorum.tally(req.approvals, scope.quorum)
         if not tally.reached:
-            await self._card(conn, req, scope)
+            self._card(w, req, scope)
             return req
         kid = self.keyring.current.kid
         grant = {"audience": scope.audience, "permissions": list(scope.permissions)}
-        issued = await store.transition(
-            conn, req.id, [State.PENDING], State.ISSUED, jti=tokens.new_jti(), kid=kid,
-            issued_at=now, token_expires_at=now + req.ttl, grant=json.dumps(grant))
+        values: dict[str, Any] = {
+            "jti": tokens.new_jti(), "kid": kid, "issued_at": now,
+            "token_expires_at": now + req.ttl, "grant": json.dumps(grant)}
+        issued = await store.transition(conn, req.id, [State.PENDING], State.ISSUED, **values)
         if not issued:  # pragma: no cover - the lock above makes this unreachable
             raise Refusal("request_closed", f"Request {req.id} is already closed.")
-        req = await _reload(conn, req.id)
-        await self._audit(conn, "breakglass", "issued", {
+        req = store.moved(req, State.ISSUED, **values)
+        self._audit(w, "breakglass", "issued", {
             "scope": req.scope, "approvers": list(req.approvals), "kid": kid, "jti": req.jti,
             "expires_at": req.token_expires_at.isoformat() if req.token_expires_at else None,
         }, req.id)
-        await self._card(conn, req, scope)
+        self._card(w, req, scope)
         if self.policy.tokens.delivery == "reveal":
-            await outbox.post(conn, now, req.requester, f"Your break-glass access to {req.scope} "
-                              f"({req.id}) was approved. Reveal the token once.",
-                              blocks.dm_reveal(req), key=dm_key(req.id), lane=dm_lane(req.requester))
+            w.rows.append(outbox.post_row(
+                now, req.requester, f"Your break-glass access to {req.scope} "
+                f"({req.id}) was approved. Reveal the token once.",
+                blocks.dm_reveal(req), key=dm_key(req.id), lane=dm_lane(req.requester)))
         else:
-            await outbox.enqueue(conn, now, lane=dm_lane(req.requester), kind="token_dm",
-                                 payload={"request_id": req.id, "user": req.requester,
-                                          "key": dm_key(req.id)})
-        await self._incident(conn, blocks.incident_issued(req))
+            w.rows.append(outbox.row(now, lane=dm_lane(req.requester), kind="token_dm",
+                                     payload={"request_id": req.id, "user": req.requester,
+                                              "key": dm_key(req.id)}))
+        self._incident(w, blocks.incident_issued(req))
         metrics.TOKENS_ISSUED.labels(scope=req.scope).inc()
         metrics.REQUESTS.labels(outcome="issued").inc()
         return req
@@ -316,8 +369,8 @@ class Service:
         now = self.clock.now()
         refusal: Refusal | None = None
         token = ""
-        async with self.db.transaction() as conn:
-            req = await store.load(conn, request_id, lock=True)
+        async with self._write() as w:
+            req = await store.load(w.conn, request_id, lock=True)
             if req is None:
                 raise Refusal("unknown_request", f"There is no request {request_id}.")
             if user != req.requester:
@@ -332,14 +385,17 @@ class Service:
                                   "make a new request if you still need access.")
             else:
                 token = self._mint(req)
-                await store.transition(conn, req.id, [State.ISSUED], State.REVEALED,
-                                       token_hash=tokens.token_hash(token), revealed_at=now,
-                                       kid=self.keyring.current.kid)
-                req = await _reload(conn, req.id)
-                await self._audit(conn, user, "revealed", {"scope": req.scope}, req.id)
-                await outbox.update_message(conn, now, dm_key(req.id), dm_lane(req.requester),
-                                            f"Token for {req.scope} ({req.id}) revealed.",
-                                            blocks.dm_revealed(req))
+                values: dict[str, Any] = {"token_hash": tokens.token_hash(token),
+                                          "revealed_at": now, "kid": self.keyring.current.kid}
+                if not await store.transition(w.conn, req.id, [State.ISSUED], State.REVEALED,
+                                              **values):  # pragma: no cover - under the lock
+                    raise Refusal("token_closed", f"The token of {req.id} is no longer "
+                                  "issued; make a new request if you still need access.")
+                req = store.moved(req, State.REVEALED, **values)
+                self._audit(w, user, "revealed", {"scope": req.scope}, req.id)
+                w.rows.append(outbox.update_row(now, dm_key(req.id), dm_lane(req.requester),
+                                                f"Token for {req.scope} ({req.id}) revealed.",
+                                                blocks.dm_revealed(req)))
         if refusal is not None:
             raise await self._refuse(user, refusal, {"action": "reveal"}, request_id)
         self.wake_outbox()
@@ -347,27 +403,27 @@ class Service:
 
     async def unreveal(self, request_id: str, token: str) -> None:
         """The reveal modal could not be opened: the token never left; allow another try."""
-        async with self.db.transaction() as conn:
-            req = await store.load(conn, request_id, lock=True)
+        async with self._write() as w:
+            req = await store.load(w.conn, request_id, lock=True)
             if req is None or req.state is not State.REVEALED:
                 return
-            ok = await conn.execute(
+            ok = await w.conn.execute(
                 requests_table.update().where(and_(
                     requests_table.c.id == request_id,
                     requests_table.c.token_hash == tokens.token_hash(token)))
                 .values(state=State.ISSUED.value, token_hash=None, revealed_at=None))
             if ok.rowcount:
-                await self._audit(conn, req.requester, "reveal_failed", {"scope": req.scope}, req.id)
-                await outbox.update_message(conn, self.clock.now(), dm_key(req.id),
-                                            dm_lane(req.requester), "Reveal your token.",
-                                            blocks.dm_reveal(req))
+                self._audit(w, req.requester, "reveal_failed", {"scope": req.scope}, req.id)
+                w.rows.append(outbox.update_row(self.clock.now(), dm_key(req.id),
+                                                dm_lane(req.requester), "Reveal your token.",
+                                                blocks.dm_reveal(req)))
         self.wake_outbox()
 
     async def materialise_dm(self, payload: dict[str, Any]) -> Rendered | None:
         """`delivery = "message"`: mint the token as the DM is sent; store its hash first."""
         now = self.clock.now()
-        async with self.db.transaction() as conn:
-            req = await store.load(conn, payload["request_id"], lock=True)
+        async with self._write() as w:
+            req = await store.load(w.conn, payload["request_id"], lock=True)
             if req is None or req.state not in (State.ISSUED, State.REVEALED):
                 return None
             if req.token_expires_at and req.token_expires_at <= now:
@@ -375,10 +431,11 @@ class Service:
             token = self._mint(req)
             # A retry after a crash mints again; the new hash replaces the old, so at most
             # one token text of a request is ever valid.
-            await conn.execute(requests_table.update().where(requests_table.c.id == req.id)
-                               .values(state=State.REVEALED.value, token_hash=tokens.token_hash(token),
-                                       revealed_at=now, kid=self.keyring.current.kid))
-            await self._audit(conn, "breakglass", "delivered", {"scope": req.scope}, req.id)
+            await w.conn.execute(
+                requests_table.update().where(requests_table.c.id == req.id)
+                .values(state=State.REVEALED.value, token_hash=tokens.token_hash(token),
+                        revealed_at=now, kid=self.keyring.current.kid))
+            self._audit(w, "breakglass", "delivered", {"scope": req.scope}, req.id)
         text, dm_blocks = blocks.dm_token_message(req, token)
         return Rendered(text, dm_blocks)
 
@@ -399,30 +456,32 @@ class Service:
                     "not_allowed_to_revoke", f"Only the requester of {req.id} or an approver "
                     f"of `{req.scope}` can revoke it."), {"action": "revoke"}, req.id)
         now = self.clock.now()
-        async with self.db.transaction() as conn:
-            if await store.transition(conn, req.id, [State.PENDING], State.CANCELLED,
+        async with self._write() as w:
+            # The request read above is not authoritative in here (decisions may have come
+            # in since): after the conditional update, the request is read again.
+            if await store.transition(w.conn, req.id, [State.PENDING], State.CANCELLED,
                                       closed_at=now, closed_by=actor):
-                req = await _reload(conn, req.id)
-                await self._audit(conn, actor, "cancelled", {"scope": req.scope, "via": via}, req.id)
-                await self._card(conn, req, scope)
-                await self._incident(conn, blocks.incident_cancelled(req))
-            elif await store.transition(conn, req.id, [State.ISSUED, State.REVEALED],
+                req = await _reload(w.conn, req.id)
+                self._audit(w, actor, "cancelled", {"scope": req.scope, "via": via}, req.id)
+                self._card(w, req, scope)
+                self._incident(w, blocks.incident_cancelled(req))
+            elif await store.transition(w.conn, req.id, [State.ISSUED, State.REVEALED],
                                         State.REVOKED, closed_at=now, closed_by=actor):
-                req = await _reload(conn, req.id)
-                await self._audit(conn, actor, "revoked", {"scope": req.scope, "via": via}, req.id)
-                await self._close_token(conn, req, scope)
-                await self._incident(conn, blocks.incident_revoked(req))
+                req = await _reload(w.conn, req.id)
+                self._audit(w, actor, "revoked", {"scope": req.scope, "via": via}, req.id)
+                self._close_token(w, req, scope)
+                self._incident(w, blocks.incident_revoked(req))
             else:
                 raise Refusal("already_closed", f"{req.id} is already {req.state.value}.")
         self.wake_outbox()
         return req
 
-    async def _close_token(self, conn: AsyncConnection, req: Request, scope: Scope | None) -> None:
+    def _close_token(self, w: _Writes, req: Request, scope: Scope | None) -> None:
         """Card to its final state, and the DM edited so no token text stays in Slack."""
-        await self._card(conn, req, scope)
+        self._card(w, req, scope)
         text, dm_blocks = blocks.dm_closed(req)
-        await outbox.update_message(conn, self.clock.now(), dm_key(req.id),
-                                    dm_lane(req.requester), text, dm_blocks)
+        w.rows.append(outbox.update_row(self.clock.now(), dm_key(req.id),
+                                        dm_lane(req.requester), text, dm_blocks))
 
     async def sweep(self) -> int:
         """Expire what is due and send reminders. Safe to run from any number of processes."""
@@ -442,22 +501,21 @@ class Service:
 
     async def _expire(self, req: Request, now: datetime) -> int:
         scope = self.policy.scope_named(req.scope)
-        async with self.db.transaction() as conn:
+        async with self._write() as w:
             src = [State.PENDING] if req.is_pending else [State.ISSUED, State.REVEALED]
-            if not await store.transition(conn, req.id, src, State.EXPIRED, closed_at=now):
+            if not await store.transition(w.conn, req.id, src, State.EXPIRED, closed_at=now):
                 return 0  # someone else got there first
-            cur = await _reload(conn, req.id)
-            await self._audit(conn, "breakglass", "expired",
-                              {"scope": cur.scope, "was_issued": cur.issued_at is not None},
-                              cur.id)
+            cur = await _reload(w.conn, req.id)  # `req` was read outside this transaction
+            self._audit(w, "breakglass", "expired",
+                        {"scope": cur.scope, "was_issued": cur.issued_at is not None}, cur.id)
             if cur.issued_at is not None:
-                await self._close_token(conn, cur, scope)
+                self._close_token(w, cur, scope)
             else:
-                await self._card(conn, cur, scope)
-                await outbox.post(conn, now, cur.requester,
-                                  f"Your break-glass request {cur.id} for {cur.scope} expired "
-                                  "without enough approvals.", lane=dm_lane(cur.requester))
-            await self._incident(conn, blocks.incident_expired(cur))
+                self._card(w, cur, scope)
+                w.rows.append(outbox.post_row(
+                    now, cur.requester, f"Your break-glass request {cur.id} for {cur.scope} "
+                    "expired without enough approvals.", lane=dm_lane(cur.requester)))
+            self._incident(w, blocks.incident_expired(cur))
         return 1
 
     async def _escalate(self, now: datetime) -> int:
@@ -471,15 +529,15 @@ class Service:
             scope = self.policy.scope_named(req.scope)
             if scope is None:
                 continue
-            async with self.db.transaction() as conn:
-                if not await store.mark_escalated(conn, req.id, now):
+            async with self._write() as w:
+                if not await store.mark_escalated(w.conn, req.id, now):
                     continue
                 tally = quorum.tally(req.approvals, scope.quorum)
                 groups = self.policy.usergroups(scope.approvers)
                 mention = " ".join(f"<!subteam^{g}>" for g in groups)
                 text = blocks.reminder(req, tally, mention or self.approver_label(scope))
-                await self._audit(conn, "breakglass", "escalated", {"scope": req.scope}, req.id)
-                await outbox.post(conn, now, self.reviewer_channel, text)
+                self._audit(w, "breakglass", "escalated", {"scope": req.scope}, req.id)
+                w.rows.append(outbox.post_row(now, self.reviewer_channel, text))
             sent += 1
         return sent
 
@@ -493,15 +551,14 @@ class Service:
             if why is None:
                 continue
             now = self.clock.now()
-            async with self.db.transaction() as conn:
-                if not await store.transition(conn, req.id, [State.ISSUED, State.REVEALED],
+            async with self._write() as w:
+                if not await store.transition(w.conn, req.id, [State.ISSUED, State.REVEALED],
                                               State.REVOKED, closed_at=now, closed_by="policy"):
                     continue
-                cur = await _reload(conn, req.id)
-                await self._audit(conn, "policy", "revoked", {"scope": cur.scope, "why": why},
-                                  cur.id)
-                await self._close_token(conn, cur, self.policy.scope_named(cur.scope))
-                await self._incident(conn, blocks.incident_revoked(cur) + f" ({why})")
+                cur = await _reload(w.conn, req.id)
+                self._audit(w, "policy", "revoked", {"scope": cur.scope, "why": why}, cur.id)
+                self._close_token(w, cur, self.policy.scope_named(cur.scope))
+                self._incident(w, blocks.incident_revoked(cur) + f" ({why})")
             revoked += 1
         if revoked:
             self.wake_outbox()

@@ -264,7 +264,10 @@ def test_slash_command_matches_the_code():
     assert command["should_escape"] is False
     assert command["usage_hint"] and command["description"]
     app_source = (BOT / "slack" / "app.py").read_text(encoding="utf-8")
-    assert 'app.command("/breakglass")' in app_source
+    assert "app.command(COMMAND)" in app_source
+    from bot.slack.acks import COMMAND
+
+    assert COMMAND == "/breakglass"  # the listener, and the answer given before it runs
 
 
 def test_request_urls_point_at_the_slack_events_route():
@@ -345,15 +348,16 @@ class _Bolt:
 
 
 async def test_socket_mode_without_signing_secret_refuses_http_slack_events():
-    # BUG (bot/http.py, not owned here): slack_events verifies with
-    # `rt.settings.signing_secret or ""`, so in Socket Mode without
-    # SLACK_SIGNING_SECRET anyone can sign a request with the empty key and
-    # act as any Slack user (approve, revoke, ...).
+    # Regression: slack_events once verified with `rt.settings.signing_secret or ""`,
+    # so in Socket Mode without SLACK_SIGNING_SECRET anyone could sign a request with
+    # the empty key and act as any Slack user (approve, revoke, ...).
+    from bot.foreground import Foreground
+
     bolt = _Bolt()
     rt = types.SimpleNamespace(
         settings=types.SimpleNamespace(signing_secret=None, app_token="xapp-test",
                                        socket_mode=True),
-        replay_guard=_Guard(), bolt=bolt)
+        replay_guard=_Guard(), bolt=bolt, foreground=Foreground())
     body = b"command=%2Fbreakglass&text=revoke+R2345678&user_id=U0MALLORY&response_url=x"
     timestamp = str(int(time.time()))
     headers = {"Content-Type": "application/x-www-form-urlencoded",

@@ -39,10 +39,10 @@ class PooledRespond(AsyncRespond):
     async def __call__(self, text: str | dict[str, Any] = "", **kwargs: Any) -> Any:  # type: ignore[override]
         if self.response_url is None:
             raise ValueError("respond is unsupported here as there is no response_url")
-        client = AsyncWebhookClient(url=self.response_url, session=self.session)
+        hook = AsyncWebhookClient(url=self.response_url, session=self.session)
         message = _build_message(**text) if isinstance(text, dict) else _build_message(
             text=text, **kwargs)
-        return await client.send_dict(message)
+        return await hook.send_dict(message)
 
 
 def build_app(handlers: Handlers, client: AsyncWebClient, signing_secret: str | None,

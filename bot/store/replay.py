@@ -7,6 +7,8 @@ import time
 from datetime import timedelta
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..core.clock import Clock
 from .db import Database
@@ -63,13 +65,26 @@ class ReplayGuard:
                     fresh.discard(k)  # the same signature twice in one batch: once only
 
     async def _record(self, keys: list[str]) -> set[str]:
+        """Record `keys`; return those no process had recorded before."""
+        wanted = sorted(set(keys))
+        now = self.clock.now()
         async with self.db.transaction() as conn:
+            dialect = conn.dialect
+            if dialect.name in ("sqlite", "postgresql") and dialect.insert_returning and (
+                    len(wanted) == 1 or dialect.insert_executemany_returning):
+                # One statement: insert what is new, and hear back which ones those were.
+                insert_ = sqlite_insert if dialect.name == "sqlite" else pg_insert
+                stmt = (insert_(seen_signatures)
+                        .on_conflict_do_nothing(index_elements=["signature"])
+                        .returning(seen_signatures.c.signature))
+                rows = [{"signature": k, "seen_at": now} for k in wanted]
+                result = await conn.execute(stmt, rows if len(rows) > 1 else rows[0])
+                return set(result.scalars())
             seen = set((await conn.execute(
                 select(seen_signatures.c.signature)
-                .where(seen_signatures.c.signature.in_(set(keys))))).scalars())
-            fresh = set(keys) - seen
+                .where(seen_signatures.c.signature.in_(wanted)))).scalars())
+            fresh = set(wanted) - seen
             if fresh:
-                now = self.clock.now()
                 await conn.execute(insert(seen_signatures),
                                    [{"signature": k, "seen_at": now} for k in fresh])
         return fresh
