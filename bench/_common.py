@@ -108,21 +108,40 @@ async def _fire(url: str, secret: str, forms: list[dict[str, str]], concurrency:
     return latencies
 
 
-def _fire_entry(url: str, secret: str, forms: list[dict[str, str]], concurrency: int,
-                out: Any) -> None:
-    out.put(asyncio.run(_fire(url, secret, forms, concurrency)))
+def _generator_loop(jobs: Any, results: Any) -> None:
+    while (job := jobs.get()) is not None:
+        results.put(asyncio.run(_fire(*job)))
+
+
+class LoadGenerator:
+    """A load generator in its own process, so it does not share the bot's event loop.
+    Started once (Python's start-up is not the bot's time) and given one job at a time."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._jobs, self._results = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_generator_loop, args=(self._jobs, self._results))
+
+    async def __aenter__(self) -> LoadGenerator:
+        self._proc.start()
+        return self
+
+    async def fire(self, url: str, secret: str, forms: list[dict[str, str]],
+                   concurrency: int) -> list[float]:
+        self._jobs.put((url, secret, forms, concurrency))
+        result: list[float] = await asyncio.to_thread(self._results.get)
+        return result
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._jobs.put(None)
+        await asyncio.to_thread(self._proc.join)
 
 
 async def fire_in_process(url: str, secret: str, forms: list[dict[str, str]],
                           concurrency: int) -> list[float]:
-    """The load generator runs in its own process so it does not share the bot's event loop."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_fire_entry, args=(url, secret, forms, concurrency, out))
-    proc.start()
-    result: list[float] = await asyncio.to_thread(out.get)
-    await asyncio.to_thread(proc.join)
-    return result
+    """One job on a load generator of its own."""
+    async with LoadGenerator() as gen:
+        return await gen.fire(url, secret, forms, concurrency)
 
 
 def write_section(name: str, body: str, command: str) -> None:

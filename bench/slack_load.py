@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
     BotProcess,
+    LoadGenerator,
     click_fields,
     command_fields,
     fire_in_process,
@@ -149,13 +150,18 @@ async def thousand(lines: list[str], n: int) -> None:
     """n concurrent requests, each approved by two reviewers and revealed."""
 
     async def body(bot: BotProcess) -> None:
+        async with LoadGenerator() as gen:
+            await run(bot, gen)
+
+    async def run(bot: BotProcess, gen: LoadGenerator) -> None:
         emu = bot.emulator
         url, secret = f"{bot.url}/slack/events", bot.signing_secret
         marks: list[tuple[str, float]] = []
+        await gen.fire(url, secret, [command_fields("U0REQ00000", "help", emu.new_response_url())], 1)
         started = time.perf_counter()
         forms = [command_fields(f"U0REQ{i:05d}", f"payments-write 10m INC-{i} bench",
                                 emu.new_response_url()) for i in range(n)]
-        await fire_in_process(url, secret, forms, 100)
+        await gen.fire(url, secret, forms, 100)
         await wait_until(lambda: n_requests(bot) >= n, 120, f"{n} requests opened")
         marks.append(("requests opened", time.perf_counter() - started))
         rows = bot.query("SELECT id, requester FROM requests")
@@ -164,7 +170,7 @@ async def thousand(lines: list[str], n: int) -> None:
             for a in (k % 10, (k + 1) % 10):
                 clicks.append(click_fields(f"U0APP{a:05d}", "bg_approve", rid, REVIEWS,
                                            emu.new_response_url()))
-        await fire_in_process(url, secret, clicks, 100)
+        await gen.fire(url, secret, clicks, 100)
         await wait_until(lambda: n_requests(bot, "issued") >= n, 120, "all issued")
         marks.append(("all approved and issued", time.perf_counter() - started))
 
@@ -176,7 +182,7 @@ async def thousand(lines: list[str], n: int) -> None:
         marks.append(("all token DMs delivered", time.perf_counter() - started))
         reveals = [click_fields(user, "bg_reveal", rid, emu.dm_channel_for(user),
                                 emu.new_response_url()) for rid, user in rows]
-        await fire_in_process(url, secret, reveals, 100)
+        await gen.fire(url, secret, reveals, 100)
         await wait_until(lambda: len(emu.calls_to("views.open")) >= n, 120, "all reveals")
         elapsed = time.perf_counter() - started
         marks.append(("all revealed", elapsed))

@@ -77,12 +77,19 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
 
 async def slack_events(request: web.Request) -> web.StreamResponse:
     rt: Runtime = request.app[RUNTIME]
-    with rt.foreground.busy():  # background work waits while Slack waits for an answer
-        return await _slack_events(rt, request)
-
-
-async def _slack_events(rt: Runtime, request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
+    with rt.foreground.busy():  # background work waits while Slack waits for an answer
+        answered = await _answer(rt, request, started)
+    if isinstance(answered, web.StreamResponse):
+        return answered
+    # A modal submission: its listener decides the answer (it may run the probes), so
+    # it holds up no background work while it does.
+    return await _answer_through_bolt(rt, *answered, started=started)
+
+
+async def _answer(rt: Runtime, request: web.Request, started: float
+                  ) -> web.StreamResponse | tuple[str, str, dict[str, str], str]:
+    """The answer, when it can be given at once; else what Bolt needs to give it."""
     body = await _read_limited(request, MAX_SLACK_BODY)
     if body is None:
         return _problem(413, "too_large", "Slack request bodies are at most 1 MiB.")
@@ -118,8 +125,13 @@ async def _slack_events(rt: Runtime, request: web.Request) -> web.StreamResponse
             return web.Response(status=200)
         return web.Response(body=json.dumps(answer, ensure_ascii=False).encode("utf-8"),
                             content_type="application/json", charset="utf-8")
+    return text, request.query_string, headers, signature
+
+
+async def _answer_through_bolt(rt: Runtime, text: str, query: str, headers: dict[str, str],
+                               signature: str, *, started: float) -> web.StreamResponse:
     try:
-        bolt_req = AsyncBoltRequest(body=text, query=request.query_string, headers=headers)
+        bolt_req = AsyncBoltRequest(body=text, query=query, headers=headers)
     except (TypeError, ValueError, KeyError, AttributeError):
         return _problem(400, "bad_body", "The payload is not a Slack request this app understands.")
     token = SLACK_SIGNATURE.set(signature)  # background work checks it across processes
