@@ -41,6 +41,11 @@ class Foreground:
             if self.active == 0 and self._waiting and self._timer is None and not self._releasing:
                 self._timer = loop.call_later(QUIET, self._release)
 
+    def answered(self) -> None:
+        """A Slack request was answered (synchronously, with no await) just now."""
+        with self.busy():
+            pass
+
     def quiet(self) -> bool:
         return self.active == 0 and asyncio.get_running_loop().time() - self._last >= QUIET
 

@@ -78,12 +78,10 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
 async def slack_events(request: web.Request) -> web.StreamResponse:
     rt: Runtime = request.app[RUNTIME]
     started = time.perf_counter()
-    with rt.foreground.busy():  # background work waits while Slack waits for an answer
-        answered = await _answer(rt, request, started)
+    answered = await _answer(rt, request, started)
     if isinstance(answered, web.StreamResponse):
         return answered
-    # A modal submission: its listener decides the answer (it may run the probes), so
-    # it holds up no background work while it does.
+    # A modal submission: its listener decides the answer (it may run the probes).
     return await _answer_through_bolt(rt, *answered, started=started)
 
 
@@ -117,6 +115,9 @@ async def _answer(rt: Runtime, request: web.Request, started: float
         return web.Response(status=200)
     headers = dict(request.headers)
     answer = acks.immediate(form, payload, rt.policy.requests.incident_pattern)
+    # Only a request Slack signed counts as one being answered (a slow unsigned body
+    # must not hold back background work); from here to the answer nothing awaits.
+    rt.foreground.answered()
     if answer is not None:
         # Answered now; the listener runs after Slack has its answer (see slack/acks.py).
         rt.dispatch_later(text, request.query_string, headers, signature)

@@ -68,6 +68,7 @@ from . import metrics
 from .core.clock import Clock
 from .store.db import Database
 from .store.schema import outbox, slack_messages
+from .store.sqlite_driver import LockedError
 
 log = logging.getLogger(__name__)
 
@@ -578,7 +579,7 @@ class Dispatcher:
             try:
                 await self._record_once(batch)
                 return
-            except DBAPIError:
+            except (DBAPIError, LockedError):
                 if attempt == 4:
                     raise
                 log.warning("outbox event(s) %s: could not record %s yet; trying again",

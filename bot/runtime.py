@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Coroutine
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
@@ -26,13 +27,14 @@ from .introspection import Introspector
 from .keys import AUDIT_KEY_NAME, KeyRing, sealed_secret
 from .outbox import Dispatcher
 from .service import Service
-from .slack.app import build_app
+from .slack.app import PooledRespond, build_app
 from .slack.handlers import Handlers
 from .store.db import Database
 from .store.replay import ReplayGuard
 from .triggers import Prober
 
 log = logging.getLogger(__name__)
+_WAITED: ContextVar[bool] = ContextVar("waited_for_foreground", default=False)
 
 APP_TOKEN_REFUSED = {"invalid_auth", "not_authed", "not_allowed_token_type", "token_revoked",
                      "token_expired", "account_inactive"}
@@ -153,13 +155,25 @@ class Runtime:
     async def _dispatch(self, body: str, query: str, headers: dict[str, str], signature: str) -> None:
         await self.foreground.wait()
         SLACK_SIGNATURE.set(signature)  # this task's own context: its spawns check it
-        response = await self.bolt.async_dispatch(
-            AsyncBoltRequest(body=body, query=query, headers=headers))
-        if response.status >= 500:
-            log.error("Slack request could not be handled (listener failed)")
+        _WAITED.set(True)  # its spawns have waited for the foreground already
+        request = AsyncBoltRequest(body=body, query=query, headers=headers)
+        response = await self.bolt.async_dispatch(request)
+        ack = request.context.get("ack")
+        if response.status == 200 and getattr(ack, "response", None) is not None:
+            return  # a listener ran and acknowledged
+        # The person was answered already ("Checking…"), so a failure here must reach them.
+        log.error("Slack request answered but not handled: Bolt said %s", response.status)
+        url = request.context.response_url
+        if url:
+            with contextlib.suppress(Exception):
+                await PooledRespond(response_url=url, session=self.http)(
+                    text=":warning: breakglass could not handle that just now; nothing was "
+                    "changed. Try again in a minute.", response_type="ephemeral",
+                    replace_original=False)
 
     async def _once(self, signature: str | None, coro: Coroutine[Any, Any, None]) -> None:
-        await self.foreground.wait()
+        if not _WAITED.get():
+            await self.foreground.wait()
         if signature is None:
             await coro
             return

@@ -90,6 +90,7 @@ class Database:
         while True:
             conn = await self.engine.connect()
             try:
+                await conn.execution_options(breakglass_write=True)
                 await conn.begin()
                 return conn
             except (sqlite_driver.LockedError, OperationalError) as exc:
@@ -107,13 +108,11 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         async with self.engine.connect() as conn:
-            # A plain (deferred) BEGIN: in WAL mode readers never wait for the writer.
-            await conn.execution_options(breakglass_read=True)
-            yield conn
+            yield conn  # a plain (deferred) BEGIN: in WAL mode readers never wait for the writer
 
     async def ping(self) -> bool:
         try:
-            async with self.engine.connect() as conn:
+            async with self.read() as conn:  # a deferred BEGIN: never waits for a writer
                 await conn.execute(text("SELECT 1"))
             return True
         except Exception:  # noqa: BLE001 - health check reports, never raises
@@ -132,8 +131,10 @@ def _sqlite_tuning(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if conn.get_execution_options().get("breakglass_read"):
-            conn.exec_driver_sql("BEGIN")
-        else:
+        # Only Database.transaction writes; any other connection reads, and a plain
+        # (deferred) BEGIN never waits for a writer in WAL mode.
+        if conn.get_execution_options().get("breakglass_write"):
             sqlite_driver.begin_immediate(conn.connection.dbapi_connection)
+        else:
+            conn.exec_driver_sql("BEGIN")
 

@@ -50,16 +50,26 @@ def _to_request(row: Any, decided: list[tuple[str, str]]) -> Request:
 
 
 async def load(conn: AsyncConnection, request_id: str, *, lock: bool = False) -> Request | None:
-    """The request and its decisions, in one statement (a LEFT JOIN: one row per decision)."""
+    """The request and its decisions. Unlocked (and on SQLite, where BEGIN IMMEDIATE
+    already serialises writers): one statement, a LEFT JOIN with a row per decision.
+    Locked on PostgreSQL: the row lock first, then the decisions in a second statement,
+    which sees decisions committed while this one waited for the lock (a single locking
+    statement keeps the snapshot it took before waiting)."""
+    if lock and conn.dialect.name != "sqlite":
+        row = (await conn.execute(
+            select(requests).where(requests.c.id == request_id).with_for_update())).first()
+        if row is None:
+            return None
+        decided = (await conn.execute(
+            select(decisions.c.user_id, decisions.c.decision)
+            .where(decisions.c.request_id == request_id).order_by(decisions.c.at))).all()
+        return _to_request(row, [(u, d) for u, d in decided])
     stmt = (
         select(requests, decisions.c.user_id.label("d_user"), decisions.c.decision.label("d_decision"))
         .select_from(requests.outerjoin(decisions, decisions.c.request_id == requests.c.id))
         .where(requests.c.id == request_id)
         .order_by(decisions.c.at)
     )
-    if lock:
-        # PostgreSQL (locks the request row only); SQLite's BEGIN IMMEDIATE already serialises.
-        stmt = stmt.with_for_update(of=requests)
     rows = (await conn.execute(stmt)).all()
     if not rows:
         return None
