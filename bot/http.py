@@ -109,6 +109,8 @@ async def _answer(rt: Runtime, request: web.Request, started: float
     problem, form, payload = _parse_slack_body(text, request.content_type)
     if problem:
         return _problem(400, "bad_body", problem)
+    if "ssl_check" in form and payload is None and "command" not in form:
+        return web.Response(status=200)  # Slack checking the certificate: nothing to do
     signature = request.headers["X-Slack-Signature"]
     if not rt.replay_guard.first_time_here(signature):
         log.warning("replayed Slack request ignored")
@@ -160,12 +162,16 @@ def _parse_slack_body(text: str, content_type: str
             payload = json.loads(form["payload"][0])
         except ValueError:
             return "The payload field is not valid JSON.", form, None
+        except RecursionError:
+            return "The payload field is nested too deeply to be a Slack payload.", form, None
         if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
             return "The payload field is not a Slack interaction payload.", form, None
         return _check_payload_shape(payload), form, payload
     if "command" in form:
         if not form.get("user_id", [""])[0]:
             return "A slash command needs a user_id.", form, None
+        return None, form, None
+    if form.get("ssl_check", [""])[0] == "1":
         return None, form, None
     return "Neither a slash command nor an interaction payload.", form, None
 

@@ -286,7 +286,7 @@ class Service:
             if req is None:  # pragma: no cover - requests are never deleted
                 raise Refusal("unknown_request", f"There is no request {request_id}.")
             try:
-                quorum.judge_click(req, user, approvers, self.approver_label(scope))
+                quorum.judge_click(req, user, approvers, self.approver_label(scope), now)
             except Refusal as exc:
                 refusal = exc
             if refusal is None:
@@ -456,6 +456,12 @@ class Service:
                     "not_allowed_to_revoke", f"Only the requester of {req.id} or an approver "
                     f"of `{req.scope}` can revoke it."), {"action": "revoke"}, req.id)
         now = self.clock.now()
+        deadline = req.expires_at if req.is_pending else req.token_expires_at
+        if req.state in _OPEN and deadline is not None and deadline <= now:
+            # Past its deadline, before the sweeper closed it: expired, not revocable.
+            what = "request" if req.is_pending else "token"
+            raise Refusal("already_closed", f"The {what} {req.id} is already expired; "
+                          "nothing to revoke.")
         async with self._write() as w:
             # The request read above is not authoritative in here (decisions may have come
             # in since): after the conditional update, the request is read again.
@@ -601,6 +607,9 @@ class Service:
 
         async with self.db.read() as conn:
             return int(await conn.scalar(select(func.count()).select_from(requests_table)) or 0)
+
+
+_OPEN = frozenset({State.PENDING, State.ISSUED, State.REVEALED})
 
 
 async def _reload(conn: AsyncConnection, request_id: str) -> Request:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 
 from .domain import Request, State
 from .errors import Refusal
@@ -42,12 +43,22 @@ def check_reachable(approvers: Collection[str], requester: str, quorum: int, sco
         )
 
 
-def judge_click(request: Request, user: str, approvers: Collection[str], scope_label: str) -> None:
-    """Raise a Refusal unless `user` may decide on `request` now."""
+def judge_click(request: Request, user: str, approvers: Collection[str], scope_label: str,
+                now: datetime | None = None) -> None:
+    """Raise a Refusal unless `user` may decide on `request` at `now`.
+
+    A pending request past its `expires_at` is expired whether or not the sweeper has
+    closed it yet: a click after the deadline never counts."""
     if request.state is not State.PENDING:
         raise Refusal(
             "request_closed",
             f"Request {request.id} is already {request.state.value}: nothing to decide.",
+        )
+    if now is not None and request.expires_at <= now:
+        raise Refusal(
+            "request_closed",
+            f"Request {request.id} is already expired (its deadline passed): nothing to "
+            "decide. The requester can make a new request.",
         )
     if user == request.requester:
         raise Refusal(

@@ -1,0 +1,152 @@
+"""Issue 13, "attack surface": each attack as an outsider, a workspace member or a
+relying service would make it, over real HTTP against the running bot and the Slack
+emulator, and what the bot must answer (odd payload shapes, the deadline of a
+decision, the rate limit under concurrency, replay of future-stamped signatures,
+stalled bodies, foreign workspaces, escaping, client-secret guessing, /metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from helpers import timed
+from sqlalchemy import func, select
+
+from bot.core.clock import OffsetClock
+from bot.emulator import Message, SentRequest
+from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, Sandbox
+from bot.store.schema import audit_log, requests
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.fixture
+async def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    async with Sandbox(directory=tmp_path, algorithm="ES256") as started:
+        yield started
+
+
+def signed(box: Sandbox, body: bytes, **extra: str) -> dict[str, str]:
+    return {**box.slack.sign(body), "Content-Type": FORM, **extra}
+
+
+async def request_count(box: Sandbox) -> int:
+    async with box.bot.db.read() as conn:
+        return int(await conn.scalar(select(func.count()).select_from(requests)) or 0)
+
+
+def seen(box: Sandbox, resp: SentRequest) -> str:
+    """Everything the person saw for one command or click: the ack, then the replies."""
+    ack = str((resp.json or {}).get("text", ""))
+    return "\n".join([ack, *(str(r.body.get("text", "")) for r in box.emulator.responses
+                              if r.url == resp.response_url)])
+
+
+async def command(box: Sandbox, user: str, text: str) -> SentRequest:
+    resp = await timed(box.slack.command(user, text))
+    await box.settle()
+    return resp
+
+
+async def click(box: Sandbox, user: str, action: str, rid: str, on: Message) -> SentRequest:
+    resp = await timed(box.slack.click(user, action, rid, channel_id=on.channel,
+                                       message_ts=on.ts))
+    await box.settle()
+    return resp
+
+
+async def row(box: Sandbox, rid: str) -> Any:
+    async with box.bot.db.read() as conn:
+        return (await conn.execute(select(requests).where(requests.c.id == rid))).one()
+
+
+async def events(box: Sandbox, rid: str) -> list[str]:
+    async with box.bot.db.read() as conn:
+        rows = await conn.execute(select(audit_log.c.event).where(audit_log.c.request_id == rid)
+                                  .order_by(audit_log.c.seq))
+        return [r[0] for r in rows]
+
+
+def incident(box: Sandbox, word: str) -> list[str]:
+    return [m.text for m in box.emulator.messages(INCIDENT) if f"*{word}*" in m.text]
+
+
+# ------------------------------------------------------ 2. deadlines against the clock
+
+
+@pytest.fixture
+async def frozen_sweeper(tmp_path: Path) -> AsyncIterator[tuple[Sandbox, OffsetClock]]:
+    """A bot whose clock the test moves and whose sweeper has not run since the start:
+    what a click, a reveal or a revocation sees just after a deadline, before the sweep."""
+    clock = OffsetClock()
+    async with Sandbox(directory=tmp_path, algorithm="ES256", clock=clock,
+                       sweep_interval=3600) as started:
+        yield started, clock
+
+
+async def test_an_approval_after_the_deadline_issues_nothing(frozen_sweeper: Any) -> None:
+    box, clock = frozen_sweeper
+    await command(box, ALICE, "payments-write 30m INC-4521 auth down")
+    rid = box.latest_request_id()
+    await click(box, BOB, "bg_approve", rid, box.card(rid))
+    clock.advance(timedelta(minutes=30, milliseconds=10))  # expire_after is 30m
+    resp = await click(box, CAROL, "bg_approve", rid, box.card(rid))
+    assert "expired" in seen(box, resp)
+    r = await row(box, rid)
+    assert r.state == "pending" and r.jti is None and r.issued_at is None
+    assert "issued" not in await events(box, rid) and incident(box, "issued") == []
+
+
+async def test_a_reveal_or_revocation_after_the_token_expired(frozen_sweeper: Any) -> None:
+    box, clock = frozen_sweeper
+    await command(box, ALICE, "payments-write 10m INC-4521 auth down")
+    rid = box.latest_request_id()
+    await click(box, BOB, "bg_approve", rid, box.card(rid))
+    await click(box, CAROL, "bg_approve", rid, box.card(rid))
+    dm = box.emulator.messages(ALICE)[-1]
+    clock.advance(timedelta(minutes=10, milliseconds=10))
+    views = len(box.emulator.views)
+    resp = await click(box, ALICE, "bg_reveal", rid, dm)
+    assert "expired" in seen(box, resp) and len(box.emulator.views) == views
+    resp = await command(box, ALICE, f"revoke {rid}")
+    assert "expired" in seen(box, resp)
+    assert (await row(box, rid)).state == "issued"  # the sweeper, not the revocation, closes it
+    assert incident(box, "revoked") == [] and "revoked" not in await events(box, rid)
+
+
+async def test_a_cancellation_after_the_request_expired(frozen_sweeper: Any) -> None:
+    box, clock = frozen_sweeper
+    await command(box, ALICE, "payments-write 30m INC-4521 auth down")
+    rid = box.latest_request_id()
+    clock.advance(timedelta(minutes=31))
+    resp = await command(box, ALICE, f"revoke {rid}")
+    assert "expired" in seen(box, resp)
+    assert (await row(box, rid)).state == "pending" and incident(box, "cancelled") == []
+
+
+# ------------------------------------------------------------------ 12. odd shapes
+
+
+async def test_a_payload_nested_100000_levels_deep_is_400_not_500(box: Sandbox) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    raw = '{"type": "block_actions", "user": {"id": "' + ALICE + '"}, "x": ' + deep + "}"
+    body = urlencode({"payload": raw}).encode()
+    resp: SentRequest = await box.slack.raw(body, signed(box, body))
+    assert resp.status == 400, resp.body
+    assert "nested" in resp.json["message"]
+    await box.settle()
+    assert await request_count(box) == 0
+
+
+async def test_a_signed_ssl_check_is_200(box: Sandbox) -> None:
+    body = urlencode({"ssl_check": "1", "token": "x"}).encode()
+    resp = await box.slack.raw(body, signed(box, body))
+    assert resp.status == 200, resp.body
+    unsigned = await box.slack.raw(body, {"Content-Type": FORM})
+    assert unsigned.status == 401
+    await box.settle()
+    assert await request_count(box) == 0 and box.emulator.responses == []
