@@ -195,27 +195,36 @@ class Service:
                      requested or self.policy.tokens.default_ttl, ttl, clamped)
 
     async def _check_rate(self, user: str, scope_name: str) -> None:
+        """The early check, before the probes: refuses at once when the limit is already
+        reached. `submit` counts again, atomically with the insert (the authoritative one)."""
         limits = self.policy.requests
         now = self.clock.now()
         async with self.db.read() as conn:
             recent = await store.count_since(conn, user, now - limits.rate_window)
         if recent < limits.rate_limit:
             return
+        async with self._write() as w:
+            refusal = self._rate_refusal(w, user, scope_name, recent, now)
+        self.wake_outbox()
+        raise refusal
+
+    def _rate_refusal(self, w: _Writes, user: str, scope_name: str, recent: int,
+                      now: datetime) -> Refusal:
+        """Audit a rate-limit refusal (and alert once per window) in `w`; the Refusal."""
+        limits = self.policy.requests
         refusal = Refusal("rate_limited", f"You made {recent} requests in the last "
                           f"{_fmt(limits.rate_window)}; the limit is {limits.rate_limit}. "
                           "Ask a colleague on call, or wait.")
         metrics.REFUSALS.labels(code=refusal.code).inc()
         last = self._rate_alerts.get(user)
-        async with self._write() as w:
-            self._audit(w, user, "refused", {"code": refusal.code, "scope": scope_name,
-                                             "recent": recent})
-            if last is None or now - last > limits.rate_window:
-                self._rate_alerts[user] = now
-                self._incident(w, blocks.incident_refused(
-                    user, scope_name, None,
-                    f"rate limit reached ({recent} requests in {_fmt(limits.rate_window)})"))
-        self.wake_outbox()
-        raise refusal
+        self._audit(w, user, "refused", {"code": refusal.code, "scope": scope_name,
+                                         "recent": recent})
+        if last is None or now - last > limits.rate_window:
+            self._rate_alerts[user] = now
+            self._incident(w, blocks.incident_refused(
+                user, scope_name, None,
+                f"rate limit reached ({recent} requests in {_fmt(limits.rate_window)})"))
+        return refusal
 
     async def submit(self, draft: Draft) -> Request:
         """Probe the triggers; refuse loudly when one does not hold, else open the request."""
@@ -243,22 +252,39 @@ class Service:
             expires_at=now + self.policy.requests.expire_after, triggers=results,
         )
         tally = quorum.tally((), draft.scope.quorum)
+        limits = self.policy.requests
+        refusal: Refusal | None = None
         async with self._write() as w:
-            await store.insert_request(w.conn, req)
-            self._audit(w, req.requester, "requested", {
-                "scope": req.scope, "ttl_s": int(req.ttl.total_seconds()),
-                "requested_ttl_s": int(req.requested_ttl.total_seconds()),
-                "reason": req.reason, "incident": req.incident,
-                "triggers": [r.as_dict() for r in results]}, req.id)
-            w.rows.append(outbox.post_row(
-                now, self.reviewer_channel, blocks.card_text(req),
-                blocks.card(req, draft.scope.permissions, tally, self.approver_label(draft.scope)),
-                key=card_key(req.id)))
-            self._incident(w, blocks.incident_requested(req, tally))
-        self._remember_scope(req.id, req.scope)
+            # Count and insert in one transaction, the requester's lock held: concurrent
+            # commands from one person cannot all pass the count before any inserts.
+            await store.lock_requester(w.conn, draft.requester)
+            recent = await store.count_since(w.conn, draft.requester, now - limits.rate_window)
+            if recent >= limits.rate_limit:
+                refusal = self._rate_refusal(w, draft.requester, draft.scope_name, recent, now)
+            else:
+                await self._open(w, req, draft, tally, results)
         self.wake_outbox()
+        if refusal is not None:
+            raise refusal
+        self._remember_scope(req.id, req.scope)
         metrics.REQUESTS.labels(outcome="opened").inc()
         return req
+
+    async def _open(self, w: _Writes, req: Request, draft: Draft, tally: quorum.Tally,
+                    results: Sequence[TriggerResult]) -> None:
+        """Insert the request, its audit row, its card and its incident post."""
+        now = req.created_at
+        await store.insert_request(w.conn, req)
+        self._audit(w, req.requester, "requested", {
+            "scope": req.scope, "ttl_s": int(req.ttl.total_seconds()),
+            "requested_ttl_s": int(req.requested_ttl.total_seconds()),
+            "reason": req.reason, "incident": req.incident,
+            "triggers": [r.as_dict() for r in results]}, req.id)
+        w.rows.append(outbox.post_row(
+            now, self.reviewer_channel, blocks.card_text(req),
+            blocks.card(req, draft.scope.permissions, tally, self.approver_label(draft.scope)),
+            key=card_key(req.id)))
+        self._incident(w, blocks.incident_requested(req, tally))
 
     # -- decide ----------------------------------------------------------------
 

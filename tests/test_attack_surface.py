@@ -6,6 +6,7 @@ stalled bodies, foreign workspaces, escaping, client-secret guessing, /metrics).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -150,3 +151,17 @@ async def test_a_signed_ssl_check_is_200(box: Sandbox) -> None:
     assert unsigned.status == 401
     await box.settle()
     assert await request_count(box) == 0 and box.emulator.responses == []
+
+
+# --------------------------------------------------------- 3. rate limit, concurrently
+
+
+async def test_twenty_concurrent_commands_with_rate_limit_5_open_exactly_5(tmp_path: Path) -> None:
+    async with Sandbox(directory=tmp_path, algorithm="ES256", rate_limit=5) as box:
+        sent = await asyncio.gather(*(timed(box.slack.command(
+            ALICE, f"payments-write 30m INC-{n} attempt {n}")) for n in range(20)))
+        await box.settle()
+        assert await request_count(box) == 5
+        said = [seen(box, resp) for resp in sent]
+        assert sum("waiting for" in s for s in said) == 5
+        assert sum("the limit is 5" in s for s in said) == 15

@@ -8,7 +8,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..core.domain import Request, State, TriggerResult
@@ -171,6 +171,16 @@ async def add_decision(
     await conn.execute(
         insert(decisions).values(request_id=request_id, user_id=user, decision=decision, at=at)
     )
+
+
+async def lock_requester(conn: AsyncConnection, requester: str) -> None:
+    """Serialise one requester's request-opening transactions until this one ends, so a
+    count and the insert that follows it are atomic. SQLite: every write transaction
+    already holds the database's write lock (BEGIN IMMEDIATE). PostgreSQL: a
+    transaction-scoped advisory lock on the requester."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                           {"key": f"breakglass:requests:{requester}"})
 
 
 async def count_since(conn: AsyncConnection, requester: str, since: datetime) -> int:
