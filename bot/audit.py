@@ -307,6 +307,12 @@ _SECRET_WORDS = frozenset(
 _SECRET_SQUASHED = _SECRET_WORDS | {"privatekey", "privkey"}
 
 
+def looks_like_token(text_: str) -> bool:
+    """True when `text_` holds something shaped like a token (a JWT, a Slack token):
+    the audit log refuses it, so a use case checks its free text with this first."""
+    return _TOKEN_RE.search(text_) is not None
+
+
 @functools.lru_cache(maxsize=4096)
 def _secret_key(name: str) -> bool:
     words = [w.lower() for w in _WORD_RE.findall(name)]

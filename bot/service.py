@@ -35,6 +35,7 @@ from .triggers import Prober
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "breakglass"
+SECRET_IN_REASON = "secret_in_reason"
 _ID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 
 
@@ -182,6 +183,12 @@ class Service:
         if not reason.strip():
             raise Refusal("missing_reason", "A reason is required: "
                           f"`/breakglass {scope_name} 30m INC-4521 what is broken`")
+        if audit.looks_like_token(reason):
+            # The audit log refuses token-shaped text, so it would fail later, silently.
+            raise Refusal(SECRET_IN_REASON, "Your reason looks like it contains a secret "
+                          "(a Slack token or a JWT). Remove it and send the request again; "
+                          "nothing was recorded. If it is a real token, rotate it: it was "
+                          "sent to Slack.")
         if user not in await self.directory.members(scope.requesters):
             raise await self._refuse(user, Refusal(
                 "not_a_requester",

@@ -7,6 +7,7 @@ stalled bodies, foreign workspaces, escaping, client-secret guessing, /metrics).
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from sqlalchemy import func, select
 
 from bot.core.clock import OffsetClock
 from bot.emulator import Message, SentRequest
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, Sandbox
+from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
 from bot.store.schema import audit_log, requests
 
 FORM = "application/x-www-form-urlencoded"
@@ -165,3 +166,51 @@ async def test_twenty_concurrent_commands_with_rate_limit_5_open_exactly_5(tmp_p
         said = [seen(box, resp) for resp in sent]
         assert sum("waiting for" in s for s in said) == 5
         assert sum("the limit is 5" in s for s in said) == 15
+
+
+# -------------------------------------------------- 5. every failure says what to do
+
+
+def slack_shaped_token() -> str:
+    return "xoxb-" + secrets.token_hex(6) + "-" + secrets.token_hex(12)
+
+
+def jwt_shaped_token() -> str:
+    return "eyJ" + secrets.token_urlsafe(12) + "." + secrets.token_urlsafe(24) + "." + (
+        secrets.token_urlsafe(16))
+
+
+@pytest.mark.parametrize("make_secret", [slack_shaped_token, jwt_shaped_token])
+async def test_a_reason_that_looks_like_a_secret_is_refused_with_a_message(
+        box: Sandbox, make_secret: Any) -> None:
+    secret = make_secret()
+    resp = await command(box, ALICE, f"payments-write 30m INC-1 token is {secret}")
+    said = seen(box, resp)
+    assert "looks like it contains a secret" in said and "Remove it" in said, said
+    assert secret not in said  # not echoed back
+    assert await request_count(box) == 0
+
+
+async def test_a_form_whose_reason_looks_like_a_secret_says_so_on_the_reason(box: Sandbox) -> None:
+    values = {"scope": {"value": {"type": "static_select",
+                                  "selected_option": {"value": "payments-write"}}},
+              "duration": {"value": {"type": "plain_text_input", "value": "30m"}},
+              "reason": {"value": {"type": "plain_text_input",
+                                   "value": f"INC-1 {slack_shaped_token()}"}}}
+    resp = await timed(box.slack.submit_view(ALICE, "bg_request_modal", values))
+    assert resp.json["response_action"] == "errors"
+    assert "secret" in resp.json["errors"]["reason"]
+    await box.settle()
+    assert await request_count(box) == 0
+
+
+async def test_an_unexpected_failure_is_told_not_silent(box: Sandbox) -> None:
+    await command(box, ALICE, "payments-write 30m INC-1 auth down")
+    async with box.bot.db.transaction() as conn:  # the database breaks under the bot
+        await conn.exec_driver_sql("ALTER TABLE requests RENAME TO requests_gone")
+    for text in ("status", "payments-write 30m INC-2 auth down"):
+        resp = await command(box, ALICE, text)
+        assert "unexpected error" in seen(box, resp), seen(box, resp)
+    resp = await click(box, BOB, "bg_approve", box.latest_request_id(),
+                       box.emulator.messages(REVIEWS)[-1])
+    assert "unexpected error" in seen(box, resp)

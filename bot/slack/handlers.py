@@ -21,7 +21,7 @@ from ..core import commands
 from ..core.commands import CommandError
 from ..core.durations import DurationError, format_duration, parse_duration
 from ..core.errors import Refusal
-from ..service import Service
+from ..service import SECRET_IN_REASON, Service
 from . import acks, blocks
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,21 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 PREPARE_TIMEOUT = 2.0  # inside Slack's 3 s for a modal submission
+# What a person sees when something they could not cause failed: never silence.
+UNEXPECTED = (":warning: breakglass hit an unexpected error and could not finish that. "
+              "Check `/breakglass status` before trying again; if it keeps failing, tell the "
+              "bot's operators (the error is in its log).")
+
+
+async def _text_or_refusal(text: Awaitable[str], what: str) -> str:
+    """The reply for `text`: its refusal's message, or UNEXPECTED if it failed otherwise."""
+    try:
+        return await text
+    except Refusal as exc:
+        return f":no_entry_sign: {exc.message}"
+    except Exception:  # noqa: BLE001 - the person is told; the log has the details
+        log.exception("%s failed", what)
+        return UNEXPECTED
 
 
 class Handlers:
@@ -50,7 +65,7 @@ class Handlers:
         if isinstance(cmd, CommandError | commands.Help):
             return
         if isinstance(cmd, commands.OpenModal):
-            self.spawn(self._open_modal(user, str(body.get("trigger_id", ""))))
+            self.spawn(self._open_modal(user, str(body.get("trigger_id", "")), respond))
         elif isinstance(cmd, commands.ListScopes):
             self.spawn(self._reply(respond, self._scopes_text(user)))
         elif isinstance(cmd, commands.Status):
@@ -62,10 +77,7 @@ class Handlers:
                 user, cmd.scope, cmd.duration, cmd.reason, cmd.incident)))
 
     async def _reply(self, respond: AsyncRespond, text: Awaitable[str]) -> None:
-        try:
-            message = await text
-        except Refusal as exc:
-            message = f":no_entry_sign: {exc.message}"
+        message = await _text_or_refusal(text, "command")
         await respond(text=message, response_type="ephemeral", replace_original=True)
 
     async def _request_text(self, user: str, scope: str, duration: Any, reason: str,
@@ -121,7 +133,16 @@ class Handlers:
 
     # -- the form -------------------------------------------------------------
 
-    async def _open_modal(self, user: str, trigger_id: str) -> None:
+    async def _open_modal(self, user: str, trigger_id: str, respond: AsyncRespond) -> None:
+        try:
+            await self._open_modal_now(user, trigger_id)
+        except Exception:  # noqa: BLE001 - the person is told
+            log.exception("could not open the request form")
+            await respond(text=":warning: Slack could not open the request form. Type the "
+                          "request instead: `/breakglass SCOPE DURATION REASON…`",
+                          response_type="ephemeral", replace_original=False)
+
+    async def _open_modal_now(self, user: str, trigger_id: str) -> None:
         allowed = [(n, s.description) for n, s, _ in await self._requestable(user)]
         if not allowed:
             await self.client.chat_postMessage(
@@ -168,7 +189,8 @@ class Handlers:
             draft = await asyncio.wait_for(
                 self.service.prepare(user, scope, duration, reason, incident), PREPARE_TIMEOUT)
         except Refusal as exc:
-            await ack(response_action="errors", errors={"scope": exc.message[:150]})
+            where = "reason" if exc.code == SECRET_IN_REASON else "scope"
+            await ack(response_action="errors", errors={where: exc.message[:150]})
             return
         except TimeoutError:
             await ack(response_action="errors", errors={"scope": "Busy right now; try again."})
@@ -177,11 +199,10 @@ class Handlers:
         self.spawn(self._submit_from_modal(draft))
 
     async def _submit_from_modal(self, draft: Any) -> None:
-        try:
-            req = await self.service.submit(draft)
-            text = self._opened_text(req, draft)
-        except Refusal as exc:
-            text = f":no_entry_sign: {exc.message}"
+        async def opened() -> str:
+            return self._opened_text(await self.service.submit(draft), draft)
+
+        text = await _text_or_refusal(opened(), "request from the form")
         await self.client.chat_postMessage(channel=draft.requester, text=text)
 
     # -- buttons --------------------------------------------------------------
@@ -208,17 +229,16 @@ class Handlers:
                            response_type="ephemeral", replace_original=False))
 
     async def _click(self, respond: AsyncRespond, decided: Awaitable[Any]) -> None:
-        try:
+        async def done() -> str:
             await decided
-        except Refusal as exc:
-            await respond(text=f":no_entry_sign: {exc.message}", response_type="ephemeral",
-                          replace_original=False)
+            return ""
+
+        message = await _text_or_refusal(done(), "click")
+        if message:
+            await respond(text=message, response_type="ephemeral", replace_original=False)
 
     async def _reply_ephemeral(self, respond: AsyncRespond, text: Awaitable[str]) -> None:
-        try:
-            message = await text
-        except Refusal as exc:
-            message = f":no_entry_sign: {exc.message}"
+        message = await _text_or_refusal(text, "click")
         await respond(text=message, response_type="ephemeral", replace_original=False)
 
     async def _reveal(self, respond: AsyncRespond, request_id: str, user: str,
@@ -228,6 +248,10 @@ class Handlers:
         except Refusal as exc:
             await respond(text=f":no_entry_sign: {exc.message}", response_type="ephemeral",
                           replace_original=False)
+            return
+        except Exception:  # noqa: BLE001 - the person is told; nothing was revealed
+            log.exception("reveal failed")
+            await respond(text=UNEXPECTED, response_type="ephemeral", replace_original=False)
             return
         try:
             await self.client.views_open(trigger_id=trigger_id, view=blocks.token_modal(req, token))
