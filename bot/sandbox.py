@@ -35,11 +35,14 @@ def sandbox_policy(probe_url: str, client_secret: str, *, delivery: str = "revea
                    algorithm: str = "RS256", quorum: int = 2, escalate: str | None = None,
                    extra: str = "", requesters: Sequence[str] = (ALICE, BOB),
                    approvers: Sequence[str] = (BOB, CAROL, DAVE), expire_after: str = "30m",
-                   rate_limit: int | None = None, auth_timeout: str = "2s") -> str:
+                   rate_limit: int | None = None, auth_timeout: str = "2s",
+                   incident_pattern: str | None = None) -> str:
     """The demo's policy; the keyword arguments size it for tests and benchmarks."""
     digest = hashlib.sha256(client_secret.encode()).hexdigest()
     escalate_line = f'escalate_after = "{escalate}"' if escalate else ""
     rate_line = f"rate_limit = {rate_limit}" if rate_limit is not None else ""
+    if incident_pattern is not None:  # a JSON string is a TOML basic string
+        rate_line += f"\nincident_pattern = {json.dumps(incident_pattern)}"
     return f"""
 [slack]
 reviewer_channel = "{REVIEWS}"
@@ -143,6 +146,7 @@ class Sandbox:
     quorum: int = 2
     escalate: str | None = None
     rate_limit: int | None = None
+    incident_pattern: str | None = None
     extra_policy: str = ""
     clock: Clock | None = None
     directory: Path | None = None
@@ -169,6 +173,7 @@ class Sandbox:
                                           delivery=self.delivery, algorithm=self.algorithm,
                                           quorum=self.quorum, escalate=self.escalate,
                                           rate_limit=self.rate_limit,
+                                          incident_pattern=self.incident_pattern,
                                           extra=self.extra_policy)
         (self.directory / "breakglass.toml").write_text(self.policy_text)
         self.database_url = f"sqlite+aiosqlite:///{self.directory / 'breakglass.db'}"

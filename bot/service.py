@@ -178,7 +178,8 @@ class Service:
         scope = self.policy.scope_named(scope_name)
         if scope is None:
             names = ", ".join(f"`{n}`" for n in sorted(self.policy.scopes)) or "none"
-            raise Refusal("unknown_scope", f"There is no scope `{scope_name}`. Scopes: {names}. "
+            raise Refusal("unknown_scope", f"There is no scope `{blocks.escape(scope_name)}`. "
+                          f"Scopes: {names}. "
                           "`/breakglass scopes` lists the ones you may request.")
         if not reason.strip():
             raise Refusal("missing_reason", "A reason is required: "
@@ -304,7 +305,8 @@ class Service:
             async with self.db.read() as conn:
                 current = await store.load(conn, request_id)
             if current is None:
-                raise Refusal("unknown_request", f"There is no request {request_id}.")
+                raise Refusal("unknown_request",
+                              f"There is no request {blocks.escape(request_id)}.")
             scope_name = current.scope
             self._remember_scope(request_id, scope_name)
         scope = self.policy.scope_named(scope_name)
@@ -405,7 +407,8 @@ class Service:
         async with self._write() as w:
             req = await store.load(w.conn, request_id, lock=True)
             if req is None:
-                raise Refusal("unknown_request", f"There is no request {request_id}.")
+                raise Refusal("unknown_request",
+                              f"There is no request {blocks.escape(request_id)}.")
             if user != req.requester:
                 refusal = Refusal("not_requester", "Only the requester can reveal this token.")
             elif req.state is State.REVEALED:
@@ -479,7 +482,8 @@ class Service:
         async with self.db.read() as conn:
             req = await store.load(conn, request_id)
         if req is None:
-            raise Refusal("unknown_request", f"There is no request or token `{request_id}`. "
+            raise Refusal("unknown_request", "There is no request or token "
+                          f"`{blocks.escape(request_id)}`. "
                           "`/breakglass status` lists yours.")
         scope = self.policy.scope_named(req.scope)
         if via == "slack" and actor != req.requester:

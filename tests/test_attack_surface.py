@@ -7,6 +7,7 @@ stalled bodies, foreign workspaces, escaping, client-secret guessing, /metrics).
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -214,3 +215,58 @@ async def test_an_unexpected_failure_is_told_not_silent(box: Sandbox) -> None:
     resp = await click(box, BOB, "bg_approve", box.latest_request_id(),
                        box.emulator.messages(REVIEWS)[-1])
     assert "unexpected error" in seen(box, resp)
+
+
+# ------------------------------------------------------- 11. escaping on every output
+
+PINGS = ("<!channel>", "<!here>", "<!everyone>", "<@U0MALLORY>", "<https://evil.example|x>")
+
+
+def assert_inert(text: str, where: str) -> None:
+    for ping in PINGS:
+        assert ping.lower() not in text.lower(), f"{where}: {ping} unescaped in {text!r}"
+
+
+def everything_posted(box: Sandbox) -> list[tuple[str, str]]:
+    """(where, text) for every Web API call the bot made (posts, edits, DMs, views) and
+    every response_url reply."""
+    out = [(f"{c.method} {c.params.get('channel', '')}", json.dumps(c.params))
+           for c in box.emulator.calls]
+    out += [("response_url reply", json.dumps(r.body)) for r in box.emulator.responses]
+    return out
+
+
+async def test_user_text_is_escaped_in_every_message(tmp_path: Path) -> None:
+    """A permissive incident_pattern takes `INC-1<!channel>` as the incident; the reason,
+    the scope and the ID as typed carry pings too. Slack sends &, < and > escaped in
+    command text, as here. None of it pings anyone, wherever it is shown."""
+    async with Sandbox(directory=tmp_path, algorithm="ES256",
+                       incident_pattern=r"[^ ]+") as box:
+        def slack_escaped(text: str) -> str:
+            return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+        reason = "INC-1<!channel> auth down <!here> <@U0MALLORY> <https://evil.example|x>"
+        acks = [await command(box, ALICE, slack_escaped(f"payments-write 30m {reason}"))]
+        rid = box.latest_request_id()
+        card = box.card(rid)
+        assert "*INC-1&lt;!channel&gt;*" in json.dumps(card.blocks)  # the incident, on the card
+        await click(box, BOB, "bg_approve", rid, card)
+        await click(box, CAROL, "bg_approve", rid, box.card(rid))
+        acks.append(await click(box, ALICE, "bg_reveal", rid, box.emulator.messages(ALICE)[-1]))
+        acks.append(await command(box, ALICE, f"revoke {rid}"))
+        box.probes.status["auth"] = 200  # the trigger no longer holds: a refusal post
+        acks.append(await command(box, ALICE, slack_escaped(f"payments-write 30m {reason}")))
+        for typed in ("<!here> 30m INC-2 x", "revoke <!channel>", "payments-write <!here> x",
+                      "<!here>"):
+            acks.append(await command(box, ALICE, slack_escaped(typed)))
+        for ack in acks:
+            assert_inert(json.dumps(ack.json), "ack")
+        posted = everything_posted(box)
+        for where, text in posted:
+            assert_inert(text, where)
+        incident_posts = [t for w, t in posted if INCIDENT in w]
+        for word in ("requested", "issued", "revoked", "refused"):
+            assert any(f"*{word}*" in t and "INC-1&lt;!channel&gt;" in t
+                       for t in incident_posts), word
+        assert any("There is no scope `&lt;!here&gt;`" in t for _, t in posted)
+        assert any("&lt;!channel&gt;" in t.lower() and "no request or token" in t for _, t in posted)

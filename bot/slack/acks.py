@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core import commands
 from ..core.commands import Command, CommandError
+from .blocks import escape
 
 COMMAND = "/breakglass"
 
@@ -34,8 +35,9 @@ def parse(text: str, incident_pattern: str) -> Command | CommandError:
 
 def command_ack(parsed: Command | CommandError) -> dict[str, Any]:
     """Keyword arguments for Bolt's `ack()`: an ephemeral line, or nothing (the form opens)."""
+    # The person's own words come back in these lines: escaped, they ping nobody.
     if isinstance(parsed, CommandError):
-        text = str(parsed)
+        text = escape(str(parsed))
     elif isinstance(parsed, commands.Help):
         text = commands.USAGE
     elif isinstance(parsed, commands.OpenModal):
@@ -45,9 +47,9 @@ def command_ack(parsed: Command | CommandError) -> dict[str, Any]:
     elif isinstance(parsed, commands.Status):
         text = "Looking up your requests…"
     elif isinstance(parsed, commands.Revoke):
-        text = f"Revoking {parsed.target}…"
+        text = f"Revoking {escape(parsed.target)}…"
     else:
-        text = f"Checking `{parsed.scope}` and its trigger conditions…"
+        text = f"Checking `{escape(parsed.scope)}` and its trigger conditions…"
     return {"text": text, "response_type": "ephemeral"}
 
 

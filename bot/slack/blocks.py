@@ -42,22 +42,27 @@ def _button(text: str, action_id: str, value: str, style: str | None = None) -> 
     return b
 
 
-def _escape(text: str) -> str:
+def escape(text: str) -> str:
+    """User-supplied text (a reason, an incident reference, a scope or ID as typed) made
+    inert in mrkdwn: `<!channel>`, `<@U…>` and links show as typed, pinging nobody."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_escape = escape
 
 
 def trigger_lines(results: Sequence[TriggerResult]) -> str:
     if not results:
         return "_no trigger conditions_"
     return "\n".join(
-        f"{'✅' if r.holds else '❌'} *{r.name}*: {_escape(r.description)} ({r.detail})"
+        f"{'✅' if r.holds else '❌'} *{r.name}*: {_escape(r.description)} ({_escape(r.detail)})"
         for r in results
     )
 
 
 def card(req: Request, permissions: Sequence[str], tally: Tally, approver_label: str) -> Blocks:
     """The approval card in the reviewer channel."""
-    incident = f" · *{req.incident}*" if req.incident else ""
+    incident = f" · *{_escape(req.incident)}*" if req.incident else ""
     blocks: Blocks = [
         {"type": "header", "text": {"type": "plain_text", "text": f"Break-glass request {req.id}"}},
         _section(
@@ -198,7 +203,7 @@ def incident_requested(req: Request, tally: Tally) -> str:
 
 
 def incident_refused(requester: str, scope: str, incident: str | None, why: str) -> str:
-    inc = f" ({incident})" if incident else ""
+    inc = f" ({_escape(incident)})" if incident else ""
     return f":no_entry_sign: *refused*{inc}: <@{requester}> asked for `{scope}`: {why}"
 
 
@@ -248,7 +253,7 @@ def reminder(req: Request, tally: Tally, approver_label: str) -> str:
 
 
 def _ref(req: Request) -> str:
-    return f"{req.id} ({req.incident})" if req.incident else req.id
+    return f"{req.id} ({_escape(req.incident)})" if req.incident else req.id
 
 
 def _actor(actor: str | None) -> str:
