@@ -112,7 +112,8 @@ async def _answer(rt: Runtime, request: web.Request, started: float
     if "ssl_check" in form and payload is None and "command" not in form:
         return web.Response(status=200)  # Slack checking the certificate: nothing to do
     signature = request.headers["X-Slack-Signature"]
-    if not rt.replay_guard.first_time_here(signature):
+    if not rt.replay_guard.first_time_here(signature,
+                                           int(request.headers["X-Slack-Request-Timestamp"])):
         log.warning("replayed Slack request ignored")
         return web.Response(status=200)
     headers = dict(request.headers)

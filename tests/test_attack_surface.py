@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,8 +21,9 @@ from helpers import timed
 from sqlalchemy import func, select
 
 from bot.core.clock import OffsetClock
-from bot.emulator import Message, SentRequest
+from bot.emulator import Message, SentRequest, command_fields
 from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
+from bot.store.replay import MAX_RECENT, ReplayGuard
 from bot.store.schema import audit_log, requests
 
 FORM = "application/x-www-form-urlencoded"
@@ -270,3 +272,37 @@ async def test_user_text_is_escaped_in_every_message(tmp_path: Path) -> None:
                        for t in incident_posts), word
         assert any("There is no scope `&lt;!here&gt;`" in t for _, t in posted)
         assert any("&lt;!channel&gt;" in t.lower() and "no request or token" in t for _, t in posted)
+
+
+# --------------------------------------- 6. a future-stamped signature stays remembered
+
+
+async def test_a_future_stamped_signature_is_kept_until_its_own_window_ends(tmp_path: Path) -> None:
+    clock = OffsetClock()
+    async with Sandbox(directory=tmp_path, algorithm="ES256", clock=clock) as box:
+        stamp = int(time.time()) + 290  # Slack's clock 4m50s ahead: still accepted
+        fields = command_fields(box.emulator, ALICE, "status")
+        body = urlencode(fields).encode()
+        headers = {**box.slack.sign(body, stamp), "Content-Type": FORM}
+        first = await box.slack.raw(body, headers)
+        assert first.status == 200 and first.json["response_type"] == "ephemeral"
+        await box.settle()
+        signature = headers["X-Slack-Signature"]
+
+        # 5m31s after it was first seen, the database prune runs (a sweep would).
+        clock.advance(timedelta(minutes=5, seconds=31))
+        await box.bot.replay_guard.prune()
+        # A second process, fresh memory, gets the same request: its stamp is 41 s old
+        # by then, inside Slack's 5 minutes, so only the database can refuse it.
+        other = ReplayGuard(box.bot.db, clock)
+        assert await other.first_time(signature) is False
+
+        # This process's memory keeps it just as long, even when it prunes itself.
+        guard = box.bot.replay_guard
+        for n in range(MAX_RECENT + 1):
+            guard.first_time_here(f"v0=filler{n}", stamp - 400, now=stamp - 100)
+        assert not guard.first_time_here(signature, stamp, now=stamp + 41)
+        assert guard.first_time_here(signature, stamp, now=stamp + 331)  # its window ended
+
+        clock.advance(timedelta(minutes=5))  # now past the stamp's window: pruned
+        assert await box.bot.replay_guard.prune() >= 1

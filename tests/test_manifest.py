@@ -331,7 +331,7 @@ def test_no_scope_is_granted_that_nothing_needs():
 
 
 class _Guard:
-    def first_time_here(self, signature: str) -> bool:
+    def first_time_here(self, signature: str, timestamp: float, now: float | None = None) -> bool:
         return True
 
     async def first_time(self, signature: str) -> bool:
