@@ -73,6 +73,15 @@ the tail is not detectable from the table alone. Compare the head
 what was published. Likewise, dropping the whole table (or replacing the file
 with an older copy) is only visible against a published head.
 
+Listeners (a second way out)
+----------------------------
+
+:func:`listen` registers, per database engine, a function called with every batch
+of events :func:`append_many` (or :func:`append`) writes, with their sequence
+numbers. It returns outbox rows, which are inserted in the same transaction, after
+the audit rows: this is how every audited event reaches the webhooks
+(``bot/delivery/webhooks.py``) without a use case having to remember it.
+
 Secrets
 -------
 
@@ -96,7 +105,7 @@ import json
 import re
 import sqlite3
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
@@ -105,7 +114,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .core.kdf import derive_key
-from .store.schema import audit_log
+from .store.schema import audit_log, outbox
 
 if TYPE_CHECKING:
     from .store.db import Database
@@ -121,6 +130,7 @@ __all__ = [
     "compute_mac",
     "export",
     "head",
+    "listen",
     "mac_key",
     "trigger_ddl",
     "verify",
@@ -478,7 +488,35 @@ async def append_many(conn: AsyncConnection, key: bytes, events: Sequence[AuditE
     else:
         await conn.execute(audit_log.insert(), dicts)
     _remember_head(conn, seq, prev)
-    return list(range(first, seq + 1))
+    seqs = list(range(first, seq + 1))
+    listener = _listeners.get(_engine_of(conn))
+    if listener is not None:
+        rows = listener(list(zip(seqs, events, strict=True)))
+        if rows:
+            await conn.execute(outbox.insert(), rows if len(rows) > 1 else rows[0])
+    return seqs
+
+
+# --------------------------------------------------------------------------- listeners
+
+Listener = Callable[[Sequence[tuple[int, AuditEvent]]], list[dict[str, Any]]]
+_listeners: weakref.WeakKeyDictionary[Any, Listener] = weakref.WeakKeyDictionary()
+
+
+def _engine_of(conn: AsyncConnection) -> Any:
+    return getattr(conn, "sync_engine", None)
+
+
+def listen(engine: Any, listener: Listener | None) -> None:
+    """Call ``listener(batch)`` for every batch of events appended through ``engine``
+    (an AsyncEngine; ``None`` removes it). ``batch`` is [(seq, event), ...] in order;
+    the listener returns outbox rows (``bot.outbox.row``), written in the same
+    transaction. It must not raise for an event it does not want: it returns []."""
+    sync = getattr(engine, "sync_engine", engine)
+    if listener is None:
+        _listeners.pop(sync, None)
+    else:
+        _listeners[sync] = listener
 
 
 # The head an append left, remembered for the rest of *its* transaction only: the

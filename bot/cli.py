@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
+    from .delivery.webhooks import WebhookConfigError
     from .keys import WrongMasterKey
     from .runtime import AppTokenRefused, Runtime
 
@@ -86,7 +87,7 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     rt = Runtime(settings, policy, policy_text=policy_text)
     try:
         await rt.start()
-    except WrongMasterKey as exc:
+    except (WrongMasterKey, WebhookConfigError) as exc:
         raise Exit(2, str(exc)) from None
     port = await rt.serve_http()
     if settings.socket_mode:
@@ -216,7 +217,8 @@ async def _outbox(args: argparse.Namespace) -> int:
     try:
         await db.create_schema()
         n = await retry_dead(db, datetime.now(UTC))
-        print(f"{n} dead-lettered Slack event(s) queued again; a running bot delivers them")
+        print(f"{n} dead-lettered event(s) (Slack messages and webhooks) queued again; "
+              "a running bot delivers them")
     finally:
         await db.dispose()
     return 0

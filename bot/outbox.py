@@ -1,4 +1,5 @@
-"""The one way out to Slack for events.
+"""The one way out to Slack for events (and, through `senders`, the way out for the
+other delivery channels: `bot/delivery/webhooks.py`).
 
 A use case writes outbox rows in the same transaction as its state change
 (`enqueue`); the `Dispatcher` delivers them after commit. So a state change
@@ -151,15 +152,24 @@ def update_message(conn: AsyncConnection, now: datetime, key: str, lane: str, te
                    payload={"key": key, "text": text, "blocks": blocks})
 
 
-class _Retry(Exception):
+class Retry(Exception):
+    """A delivery failed and may succeed later: `after` seconds (else the backoff);
+    `paced`: the receiver is pacing us (a 429), which does not use up an attempt."""
+
     def __init__(self, reason: str, after: float | None = None, *, paced: bool = False) -> None:
         super().__init__(reason)
         self.after = after
-        self.paced = paced  # a 429: Slack pacing us; does not use up an attempt
+        self.paced = paced
 
 
-class _Dead(Exception):
-    pass
+class Dead(Exception):
+    """A delivery no retry will fix: dead-letter the row now."""
+
+
+_Retry, _Dead = Retry, Dead
+
+# Delivers one row of another channel's kind (e.g. "webhook"); raises Retry or Dead.
+Sender = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Outcome(enum.Enum):
@@ -209,8 +219,10 @@ class Dispatcher:
         poll_interval: float = 0.5,
         lease: float | None = None,
         yield_to: Callable[[], Awaitable[None]] | None = None,
+        senders: dict[str, Sender] | None = None,
     ) -> None:
         self.db = db
+        self.senders = dict(senders or {})  # kind -> sender, for rows that are not Slack's
         self.client = client
         self.clock = clock
         self.materialise = materialise
@@ -454,6 +466,10 @@ class Dispatcher:
     async def _send(self, kind: str, p: dict[str, Any], row_id: int,
                     fresh: bool = False) -> tuple[str, str, str] | None:
         """Do the Slack call; returns (key, channel, ts) for a keyed post."""
+        sender = self.senders.get(kind)
+        if sender is not None:
+            await sender(p)
+            return None
         if kind == "post":
             key = p.get("key")
             if key and await self._recorded(key, fresh):

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Coroutine
+import os
+from collections.abc import Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -20,6 +21,8 @@ from .audit_publish import publish_head
 from .config import Settings
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
+from .delivery.webhooks import KIND as WEBHOOK_KIND
+from .delivery.webhooks import Webhooks
 from .directory import Directory
 from .foreground import Foreground
 from .http import SLACK_SIGNATURE, build_web_app
@@ -55,8 +58,10 @@ def slack_client(settings: Settings, session: aiohttp.ClientSession | None = Non
 
 class Runtime:
     def __init__(self, settings: Settings, policy: Policy, *, clock: Clock | None = None,
-                 sweep_interval: float = 1.0, policy_text: str = "") -> None:
+                 sweep_interval: float = 1.0, policy_text: str = "",
+                 env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
+        self.env = os.environ if env is None else env  # where [[webhooks]] secrets are read
         self.policy = policy
         self.clock = clock or SystemClock()
         self.sweep_interval = sweep_interval
@@ -72,8 +77,11 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        # First: a missing webhook secret is a configuration error (WebhookConfigError).
+        self.webhooks = Webhooks(self.policy.webhooks, self.env)
         self.db = Database(s.database_url)
         await self.db.create_schema()
+        self.webhooks.attach(self.db)  # from here on, every audited event reaches them
         now = self.clock.now()
         self.keyring = await KeyRing.open(self.db, s.master_key, self.policy.tokens.algorithm, now)
         self.audit_key = await sealed_secret(self.db, s.master_key, AUDIT_KEY_NAME)
@@ -87,7 +95,8 @@ class Runtime:
         self.service = Service(self.db, self.policy, self.keyring, self.directory, self.prober,
                                self.clock, self.audit_key, wake_outbox=lambda: self.dispatcher.wake())
         self.dispatcher = Dispatcher(self.db, self.client, self.clock, self.service.materialise_dm,
-                                     yield_to=self.foreground.wait)
+                                     yield_to=self.foreground.wait,
+                                     senders={WEBHOOK_KIND: self.webhooks.sender(self.http)})
         self.introspector = Introspector(self.service, self.keyring, self.policy, self.clock)
         self.replay_guard = ReplayGuard(self.db, self.clock)
         self.handlers = Handlers(self.service, self.client, self.spawn)
@@ -239,7 +248,7 @@ class Runtime:
                 await asyncio.wait_for(t, max(0.1, deadline - loop.time()))
         left = await self.dispatcher.drain(max(0.1, deadline - loop.time()))
         if left:
-            log.warning("%d Slack event(s) left in the outbox; they go out on next start", left)
+            log.warning("%d event(s) left in the outbox; they go out on next start", left)
         for t in list(self._tasks):
             t.cancel()
         if self._runner is not None:

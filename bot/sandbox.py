@@ -155,6 +155,7 @@ class Sandbox:
     bot_token: str = field(default_factory=lambda: "xoxb-" + secrets.token_hex(12))
     master_key: str = field(default_factory=new_master_key)
     client_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    env: dict[str, str] | None = None  # the bot's environment for [[webhooks]] secrets
 
     async def start(self) -> Sandbox:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -187,7 +188,8 @@ class Sandbox:
     async def start_bot(self) -> None:
         policy = parse_policy(self.policy_text)
         self.bot = Runtime(self.settings, policy, clock=self.clock,
-                           sweep_interval=self.sweep_interval, policy_text=self.policy_text)
+                           sweep_interval=self.sweep_interval, policy_text=self.policy_text,
+                           env=self.env)
         await self.bot.start()
         port = await self.bot.serve_http("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{port}"

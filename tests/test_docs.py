@@ -28,6 +28,7 @@ from bot.cli import build_parser
 from bot.core.commands import RESERVED_WORDS
 from bot.core.kdf import new_master_key
 from bot.core.policy import (
+    AlertSettings,
     Client,
     Group,
     RequestSettings,
@@ -35,6 +36,7 @@ from bot.core.policy import (
     SlackSettings,
     TokenSettings,
     Trigger,
+    Webhook,
     load_policy,
 )
 from bot.keys import AUDIT_KEY_NAME, sealed_secret
@@ -65,6 +67,8 @@ SECTION_MODELS = {
     "triggers": Trigger,
     "scopes": Scope,
     "clients": Client,
+    "alerts": AlertSettings,
+    "webhooks": Webhook,
 }
 
 
@@ -106,8 +110,10 @@ def test_example_policy_shows_every_key():
     missing = []
     for section, model in SECTION_MODELS.items():
         tables = data.get(section, {})
-        if section in ("slack", "tokens", "requests"):
+        if section in ("slack", "tokens", "requests", "alerts"):
             tables = {"": tables}
+        elif section == "webhooks":
+            tables = {str(i): t for i, t in enumerate(tables)}
         written = set().union(*(set(t) for t in tables.values())) if tables else set()
         missing += [f"{section}.{key}" for key in model.model_fields if key not in written]
     assert not missing, f"breakglass.example.toml does not show: {missing}"

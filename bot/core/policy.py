@@ -11,6 +11,7 @@ each as ``key.path: what is wrong`` with TOML key paths, e.g.::
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -32,10 +33,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bot.core.alerts import QuietHours, QuietHoursError, parse_quiet_hours
 from bot.core.commands import DEFAULT_INCIDENT_PATTERN, RESERVED_WORDS, incident_regex
 from bot.core.durations import MAX_DURATION, DurationError, format_duration, parse_duration
+from bot.core.events import WEBHOOK_EVENTS
 
 __all__ = [
+    "AlertSettings",
     "Client",
     "Group",
     "Policy",
@@ -45,16 +49,20 @@ __all__ = [
     "SlackSettings",
     "TokenSettings",
     "Trigger",
+    "Webhook",
     "load_policy",
     "parse_policy",
     "validate_policy",
 ]
 
-_SECTIONS = frozenset({"slack", "tokens", "requests", "groups", "triggers", "scopes", "clients"})
+_SECTIONS = frozenset({"slack", "tokens", "requests", "groups", "triggers", "scopes", "clients",
+                       "alerts", "webhooks"})
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
 _USERGROUP_ID = re.compile(r"S[A-Z0-9]{2,}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+WEBHOOK_MAX_TIMEOUT = timedelta(seconds=10)
 # RFC 6749 section 3.3 scope-token: printable ASCII except space, '"' and '\'.
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -176,6 +184,70 @@ def _http_url(value: str) -> str:
     if any(ch.isspace() for ch in value):
         raise _problem(f"{_shown(value)} must not contain spaces")
     return value
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _webhook_url(value: str) -> str:
+    value = _http_url(value)
+    parts = urlsplit(value)
+    if parts.scheme != "https" and not is_loopback_host(parts.hostname or ""):
+        raise _problem(
+            f"{_shown(value)} is not https: a webhook carries audit events, so it must use "
+            "https:// (plain http:// only to a loopback address: 127.0.0.1, ::1, localhost)"
+        )
+    if parts.username or parts.password:
+        raise _problem(
+            f"{_shown(parts.scheme + '://' + (parts.hostname or ''))}…: no user or password in "
+            "the URL; the webhook is authenticated by its signature (secret_env)"
+        )
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.fullmatch(value):
+        raise _problem(
+            f"{_shown(value)} is not an environment variable name: write the name of the "
+            "variable that holds the value (like BREAKGLASS_WEBHOOK_SECRET), not the value"
+        )
+    return value
+
+
+def _webhook_events(values: list[str]) -> list[str]:
+    _distinct(values)
+    for value in values:
+        if value not in WEBHOOK_EVENTS:
+            raise _problem(
+                f"unknown event {_shown(value)}: events are {', '.join(sorted(WEBHOOK_EVENTS))}"
+            )
+    return values
+
+
+def _quiet_hours(value: object) -> QuietHours | None:
+    if value is None or isinstance(value, QuietHours):
+        return value
+    if not isinstance(value, str):
+        raise _problem(f'must be a time range in quotes, like "22:00-06:00" (got {_shown(value)})')
+    try:
+        return parse_quiet_hours(value)
+    except QuietHoursError as exc:
+        raise _problem(str(exc)) from None
+
+
+def _webhook_timeout(value: object) -> timedelta:
+    duration = _to_duration(value)
+    if duration > WEBHOOK_MAX_TIMEOUT:
+        raise _problem(f"at most {format_duration(WEBHOOK_MAX_TIMEOUT)} (a delivery's lease "
+                       "must outlast it)")
+    return duration
 
 
 def _permission(value: str) -> str:
@@ -337,6 +409,50 @@ class Client(_Model):
     audiences: list[Token] = Field(min_length=1)
 
 
+class AlertSettings(_Model):
+    """``[alerts]`` (optional, contract §7.5): thresholds; an unset key raises no alert."""
+
+    max_requests_per_day: int | None = Field(default=None, ge=1)
+    """Per requester, all scopes, over the last 24 hours; each request past it alerts."""
+    quiet_hours: Annotated[QuietHours | None, PlainValidator(_quiet_hours),
+                           WithJsonSchema({"type": "string"})] = None
+    """UTC window ("22:00-06:00"); a request or a token's first use inside it alerts."""
+    max_uses_per_minute: int | None = Field(default=None, ge=1)
+    """Per token; the use that passes it alerts (once per minute)."""
+    refusals_per_hour: int | None = Field(default=None, ge=1)
+    """Per person; the next refusal alerts, later ones are summarised once a minute."""
+    membership_recheck: Duration = timedelta(seconds=60)
+    """How often live tokens' holders are re-checked against the requester groups."""
+
+
+class Webhook(_Model):
+    """``[[webhooks]]`` (contract §7.6): where audited events are POSTed."""
+
+    url: Annotated[str, AfterValidator(_webhook_url)]
+    secret_env: Annotated[str | None, AfterValidator(lambda v: v if v is None else _env_name(v))] = None
+    """The environment variable that holds the signing secret (never the secret itself)."""
+    format: Literal["breakglass", "pagerduty"] = "breakglass"
+    routing_key_env: Annotated[str | None,
+                               AfterValidator(lambda v: v if v is None else _env_name(v))] = None
+    """pagerduty: the environment variable that holds the integration's routing key."""
+    events: Annotated[list[str], AfterValidator(_webhook_events)] = Field(min_length=1)
+    timeout: Annotated[timedelta, PlainValidator(_webhook_timeout), _DURATION_SCHEMA] = (
+        timedelta(seconds=5))
+    """How long one POST may take before it counts as failed and is retried."""
+
+    @model_validator(mode="after")
+    def _format_keys(self) -> Webhook:
+        if self.format == "breakglass" and self.secret_env is None:
+            raise _problem("a webhook needs secret_env: the name of the environment variable "
+                           "holding the secret its requests are signed with")
+        if self.format == "pagerduty" and self.routing_key_env is None:
+            raise _problem("format = \"pagerduty\" needs routing_key_env: the name of the "
+                           "environment variable holding the PagerDuty integration key")
+        if self.format != "pagerduty" and self.routing_key_env is not None:
+            raise _problem("routing_key_env is only for format = \"pagerduty\"")
+        return self
+
+
 class Policy(_Model):
     """The whole policy file. Construct it with :func:`parse_policy`."""
 
@@ -347,10 +463,13 @@ class Policy(_Model):
     triggers: dict[TriggerName, Trigger] = Field(default_factory=dict)
     scopes: dict[ScopeName, Scope]
     clients: dict[ClientName, Client] = Field(default_factory=dict)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    webhooks: list[Webhook] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_references(self) -> Policy:
         problems = [] if self.scopes else [_NO_SCOPES]
+        problems += _webhook_duplicates(self.webhooks)
         problems += _reference_errors(
             tokens=self.tokens,
             requests=self.requests,
@@ -456,11 +575,31 @@ class Policy(_Model):
             + f", at most {requests.rate_limit} per user per "
             f"{format_duration(requests.rate_window)}",
         ]
+        if self.webhooks:
+            lines.append(counted(len(self.webhooks), "webhook") + names(
+                f"{urlsplit(h.url).hostname} ({h.format}, {counted(len(h.events), 'event')})"
+                for h in self.webhooks))
+        set_alerts = [k for k in ("max_requests_per_day", "quiet_hours", "max_uses_per_minute",
+                                  "refusals_per_hour") if getattr(self.alerts, k) is not None]
+        if set_alerts:
+            lines.append("alerts: " + ", ".join(f"{k} {getattr(self.alerts, k)}"
+                                                for k in set_alerts))
         return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
 # Cross-references.
+
+
+def _webhook_duplicates(webhooks: Sequence[Webhook]) -> list[str]:
+    first: dict[str, int] = {}
+    errors = []
+    for i, hook in enumerate(webhooks):
+        if hook.url in first:
+            errors.append(f"webhooks[{i}].url: {_shown(hook.url)} is already webhooks"
+                          f"[{first[hook.url]}]; list each URL once, with every event it needs")
+        first.setdefault(hook.url, i)
+    return errors
 
 
 def _defined(kind: str, names: Iterable[str]) -> str:
