@@ -1,4 +1,4 @@
-"""`breakglass` (and `python -m bot`): serve, demo, check-policy, keys, audit, outbox."""
+"""`breakglass` (and `python -m bot`): serve, demo, check-policy, keys, audit, outbox, drills."""
 
 from __future__ import annotations
 
@@ -224,6 +224,40 @@ async def _outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drills(args: argparse.Namespace) -> int:
+    return asyncio.run(_drills(args))
+
+
+async def _drills(args: argparse.Namespace) -> int:
+    from .governance import drills
+    from .store.db import DEFAULT_URL, Database
+
+    policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
+    db = Database(os.environ.get("BREAKGLASS_DATABASE_URL") or DEFAULT_URL)
+    now = datetime.now(UTC)
+    try:
+        await db.create_schema()
+        async with db.read() as conn:
+            past = await drills.history(conn, args.limit)
+            due = await drills.overdue(conn, policy, now)
+    finally:
+        await db.dispose()
+    if args.json:
+        print(json.dumps({"drills": [drills.as_json(req, t) for req, t in past],
+                          "every": _period(policy), "due": [
+                              {"scope": d.scope, "last": d.last.isoformat() if d.last else None}
+                              for d in due]}, indent=2))
+        return 0
+    print(drills.report(past, due, policy.drills.every, now))
+    return 0
+
+
+def _period(policy: Policy) -> str | None:
+    from .core.durations import format_period
+
+    return format_period(policy.drills.every) if policy.drills.every else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="breakglass", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -252,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     osub = o.add_subparsers(dest="outbox_cmd", required=True)
     osub.add_parser("retry", help="queue dead-lettered events again")
     o.set_defaults(func=cmd_outbox)
+    dr = sub.add_parser("drills", help="past drills, and the scopes not rehearsed within "
+                        "[drills] every")
+    dr.add_argument("--json", action="store_true", help="print JSON instead of text")
+    dr.add_argument("--limit", type=int, default=50, help="most recent drills shown (50)")
+    dr.set_defaults(func=cmd_drills)
     return p
 
 

@@ -215,6 +215,7 @@ class SlackEmulator:
             "chat.delete": self._delete, "views.open": self._views_open,
             "views.update": self._views_update, "conversations.open": self._conversations_open,
             "users.info": self._users_info, "usergroups.users.list": self._usergroup_members,
+            "chat.getPermalink": self._get_permalink,
         }
         # Methods that take an app-level token (xapp-) instead of the bot token.
         self._app_methods: dict[str, Callable[[JSON], JSON]] = {
@@ -582,6 +583,20 @@ class SlackEmulator:
         msg.history.append(MessageVersion(msg.text, msg.blocks, time.time()))
         msg.text, msg.blocks = text, blocks
         return {"channel": msg.channel, "ts": msg.ts, "text": text, "message": msg.as_slack()}
+
+    def permalink(self, channel: str, ts: str) -> str:
+        """The permalink Slack gives for a message (chat.getPermalink)."""
+        return (f"https://{TEAM_DOMAIN}.slack.com/archives/{self.resolve_channel(channel)}"
+                f"/p{ts.replace('.', '')}")
+
+    def _get_permalink(self, params: JSON) -> JSON:
+        channel, ts = str(params.get("channel") or ""), str(params.get("message_ts") or "")
+        if not channel:
+            raise ApiError("channel_not_found")
+        msg = self.message(channel, ts)
+        if msg is None or msg.deleted:
+            raise ApiError("message_not_found")
+        return {"channel": msg.channel, "permalink": self.permalink(msg.channel, msg.ts)}
 
     def _delete(self, params: JSON) -> JSON:
         msg = self._find_message(params)

@@ -1,7 +1,8 @@
 """RFC 7662 introspection and RFC 7009 revocation for relying services.
 
 Anything that is not a live, revealed token of an audience the calling client
-may see answers exactly `{"active": false}`: expired, revoked, unknown,
+may see answers exactly `{"active": false}`, and so does every drill token
+(audience `breakglass-drill`, claim `breakglass.drill: true`), for every client: expired, revoked, unknown,
 malformed, wrong issuer, other audience all look the same from outside. Why a
 token was refused is counted in `Introspector.rejections` (the reason texts of
 `bot.core.tokens.InvalidToken`, which never hold token text), never returned.
@@ -112,6 +113,7 @@ UNKNOWN_TOKEN = "no such token was revealed"
 NOT_ACTIVE = "token revoked or expired"
 KEY_OUT_OF_WINDOW = "key no longer published"
 KEY_MISMATCH = "token signed by another key than recorded"
+DRILL = "drill token (accepted by no service)"
 
 
 @dataclass(slots=True, eq=False)
@@ -268,6 +270,9 @@ class Introspector:
         claims, kid = await self._verify(token)
         if claims is None:
             return None
+        if tokens.is_drill(claims):  # contract 7.4: inactive for every client, whatever its audiences
+            self._reject(DRILL)
+            return None
         checked = time.monotonic()
         generation = self._generation
         row = await self._row(digest)
@@ -276,6 +281,9 @@ class Introspector:
             return None
         if row.state != State.REVEALED.value:
             self._reject(NOT_ACTIVE)
+            return None
+        if row.drill:  # the row says drill even if the claims did not: still inactive
+            self._reject(DRILL)
             return None
         if row.kid is not None and row.kid != kid:
             self._reject(KEY_MISMATCH)
@@ -304,7 +312,8 @@ class Introspector:
     async def _row(self, digest: str) -> Any:
         async with self.service.db.read() as conn:
             return (await conn.execute(
-                select(requests_table.c.id, requests_table.c.state, requests_table.c.kid)
+                select(requests_table.c.id, requests_table.c.state, requests_table.c.kid,
+                       requests_table.c.drill)
                 .where(requests_table.c.token_hash == digest))).first()
 
     async def _still_revealed(self, entry: _Entry) -> bool:

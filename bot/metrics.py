@@ -26,3 +26,9 @@ OUTBOX_PENDING = Gauge("breakglass_outbox_pending", "Slack events waiting for de
 SLACK_ACK_SECONDS = Histogram("breakglass_slack_ack_seconds",
                               "Time to answer a Slack request", registry=REGISTRY,
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 3))
+TIME_TO_ACCESS = Histogram("breakglass_time_to_access_seconds",
+                           "From the /breakglass command to the token revealed (or delivered)",
+                           ["kind"], registry=REGISTRY,
+                           buckets=(15, 30, 60, 120, 180, 300, 600, 900, 1800, 3600, 7200))
+for _kind in ("real", "drill"):
+    TIME_TO_ACCESS.labels(kind=_kind)  # both series exist from the start

@@ -39,6 +39,14 @@ came back (a timeout, a crash between Slack's answer and our commit), the
 post is retried and may appear twice. Updates are idempotent, so only posts
 are affected; docs/reliability.md says so.
 
+A post may name other messages by key, resolved when it is sent (a row is
+written before those messages exist in Slack): `thread_key` posts it as a
+reply in that message's thread (the escalation reminder under its card), and
+`link_key` appends that message's permalink (`chat.getPermalink`; the DM to a
+fallback approver). While the named message's own post is still pending, the
+row waits for it; a message that was never posted is left out (the post goes
+to the channel, without the link).
+
 Token DMs (`token_dm`) hold no token: the dispatcher asks `materialise`
 for the text at send time, and the token is minted then.
 """
@@ -115,9 +123,16 @@ def row(now: datetime, *, lane: str, kind: str, payload: dict[str, Any]) -> dict
 
 
 def post_row(now: datetime, channel: str, text: str, blocks: list[dict[str, Any]] | None = None,
-             key: str | None = None, lane: str | None = None) -> dict[str, Any]:
-    return row(now, lane=lane or channel, kind="post",
-               payload={"channel": channel, "text": text, "blocks": blocks, "key": key})
+             key: str | None = None, lane: str | None = None, *, thread_key: str | None = None,
+             link_key: str | None = None, link_text: str = "Open it in Slack") -> dict[str, Any]:
+    """A post; `thread_key` / `link_key`: see the module docstring."""
+    payload: dict[str, Any] = {"channel": channel, "text": text, "blocks": blocks, "key": key}
+    if thread_key:
+        payload["thread_key"] = thread_key
+    if link_key:
+        payload["link_key"] = link_key
+        payload["link_text"] = link_text
+    return row(now, lane=lane or channel, kind="post", payload=payload)
 
 
 def update_row(now: datetime, key: str, lane: str, text: str,
@@ -474,8 +489,20 @@ class Dispatcher:
             key = p.get("key")
             if key and await self._recorded(key, fresh):
                 return None  # posted before a crash: never post twice
-            resp = await self._call("chat_postMessage", channel=p["channel"], text=p["text"],
-                                    blocks=p.get("blocks"), unfurl_links=False, unfurl_media=False)
+            text = p["text"]
+            thread_ts = None
+            if p.get("thread_key"):
+                where = await self._named(p["thread_key"], row_id)
+                thread_ts = where[1] if where else None
+            if p.get("link_key"):
+                where = await self._named(p["link_key"], row_id)
+                if where is not None:
+                    link = await self._call("chat_getPermalink", channel=where[0],
+                                            message_ts=where[1])
+                    text = f"{text}\n<{link['permalink']}|{p.get('link_text') or 'Open it'}>"
+            resp = await self._call("chat_postMessage", channel=p["channel"], text=text,
+                                    blocks=p.get("blocks"), thread_ts=thread_ts,
+                                    unfurl_links=False, unfurl_media=False)
             if key:
                 return key, str(resp["channel"]), str(resp["ts"])
             return None
@@ -500,6 +527,18 @@ class Dispatcher:
                                     blocks=rendered.blocks, unfurl_links=False, unfurl_media=False)
             return p["key"], str(resp["channel"]), str(resp["ts"])
         raise _Dead(f"unknown outbox kind {kind!r}")
+
+    async def _named(self, key: Any, row_id: int) -> tuple[str, str] | None:
+        """(channel, ts) of the message `key` that a post refers to; waits (a retry) while
+        that message's own post is pending; None when it was never posted."""
+        if not isinstance(key, str):
+            return None
+        where = await self._recorded(key, False)
+        if where is None:
+            if await self._post_waiting(key, row_id):
+                raise _Retry(f"the message {key} is not posted yet")
+            where = await self._message(key)  # it may have gone out meanwhile
+        return where
 
     async def _recorded(self, key: Any, fresh: bool) -> tuple[str, str] | None:
         """Where the message `key` was posted, if it was. A recorded key never changes, so

@@ -36,13 +36,16 @@ def sandbox_policy(probe_url: str, client_secret: str, *, delivery: str = "revea
                    extra: str = "", requesters: Sequence[str] = (ALICE, BOB),
                    approvers: Sequence[str] = (BOB, CAROL, DAVE), expire_after: str = "30m",
                    rate_limit: int | None = None, auth_timeout: str = "2s",
-                   incident_pattern: str | None = None) -> str:
+                   incident_pattern: str | None = None,
+                   tokens_extra: str = "", scope_extra: str = "",
+                   approver_usergroup: str | None = None) -> str:
     """The demo's policy; the keyword arguments size it for tests and benchmarks."""
     digest = hashlib.sha256(client_secret.encode()).hexdigest()
     escalate_line = f'escalate_after = "{escalate}"' if escalate else ""
     rate_line = f"rate_limit = {rate_limit}" if rate_limit is not None else ""
     if incident_pattern is not None:  # a JSON string is a TOML basic string
         rate_line += f"\nincident_pattern = {json.dumps(incident_pattern)}"
+    usergroup_line = f'usergroup = "{approver_usergroup}"' if approver_usergroup else ""
     return f"""
 [slack]
 reviewer_channel = "{REVIEWS}"
@@ -54,6 +57,7 @@ algorithm = "{algorithm}"
 delivery = "{delivery}"
 default_ttl = "15m"
 max_ttl = "1h"
+{tokens_extra}
 
 [requests]
 expire_after = "{expire_after}"
@@ -65,6 +69,7 @@ members = {json.dumps(list(requesters))}
 
 [groups.sre-leads]
 members = {json.dumps(list(approvers))}
+{usergroup_line}
 
 [triggers.primary-auth-down]
 description = "Primary auth provider fails its health check"
@@ -87,6 +92,7 @@ approvers = ["sre-leads"]
 quorum = {quorum}
 max_ttl = "30m"
 triggers = ["primary-auth-down"]
+{scope_extra}
 
 [scopes.db-admin]
 description = "Admin on the primary database"
@@ -148,6 +154,9 @@ class Sandbox:
     rate_limit: int | None = None
     incident_pattern: str | None = None
     extra_policy: str = ""
+    tokens_extra: str = ""  # lines in [tokens]
+    scope_extra: str = ""  # lines in [scopes.payments-write]
+    approver_usergroup: str | None = None  # a Slack user group for sre-leads
     clock: Clock | None = None
     directory: Path | None = None
     sweep_interval: float = 0.2
@@ -175,7 +184,10 @@ class Sandbox:
                                           quorum=self.quorum, escalate=self.escalate,
                                           rate_limit=self.rate_limit,
                                           incident_pattern=self.incident_pattern,
-                                          extra=self.extra_policy)
+                                          extra=self.extra_policy,
+                                          tokens_extra=self.tokens_extra,
+                                          scope_extra=self.scope_extra,
+                                          approver_usergroup=self.approver_usergroup)
         (self.directory / "breakglass.toml").write_text(self.policy_text)
         self.database_url = f"sqlite+aiosqlite:///{self.directory / 'breakglass.db'}"
         self.settings = Settings(

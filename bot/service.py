@@ -24,6 +24,7 @@ from .core.domain import Request, State, TriggerResult
 from .core.errors import Refusal
 from .core.policy import Policy, Scope
 from .directory import Directory
+from .governance import drills, escalation, expiry
 from .keys import KeyRing
 from .outbox import Rendered
 from .slack import blocks
@@ -91,6 +92,8 @@ class Draft:
     requested_ttl: timedelta
     ttl: timedelta
     clamped: bool
+    drill: bool = False
+    command_at: datetime | None = None  # when the command reached the bot
 
 
 class Service:
@@ -126,11 +129,20 @@ class Service:
     def incident_channel(self) -> str:
         return self.policy.slack.incident_channel
 
-    def approver_label(self, scope: Scope) -> str:
-        return ", ".join(scope.approvers)
+    def approver_label(self, scope: Scope, escalated: bool = False) -> str:
+        """The groups whose clicks count: the fallback approvers too once escalated."""
+        groups = list(scope.approvers)
+        if escalated:
+            groups += [g for g in scope.fallback_approvers if g not in groups]
+        return ", ".join(groups)
 
     async def approvers(self, scope: Scope) -> frozenset[str]:
         return await self.directory.members(scope.approvers)
+
+    async def fallback_approvers(self, scope: Scope) -> frozenset[str]:
+        if not scope.fallback_approvers:
+            return frozenset()
+        return await self.directory.members(scope.fallback_approvers)
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[_Writes]:
@@ -162,7 +174,7 @@ class Service:
     def _card(self, w: _Writes, req: Request, scope: Scope | None) -> None:
         permissions = scope.permissions if scope else req.extra.get("grant", {}).get("permissions", [])
         quorum_n = scope.quorum if scope else len(req.approvals)
-        label = self.approver_label(scope) if scope else "approvers"
+        label = self.approver_label(scope, req.escalated_at is not None) if scope else "approvers"
         tally = quorum.tally(req.approvals, quorum_n)
         w.rows.append(outbox.update_row(
             self.clock.now(), card_key(req.id), self.reviewer_channel,
@@ -174,7 +186,10 @@ class Service:
     # -- request -------------------------------------------------------------
 
     async def prepare(self, user: str, scope_name: str, requested: timedelta | None,
-                      reason: str, incident: str | None) -> Draft:
+                      reason: str, incident: str | None, *, drill: bool = False,
+                      command_at: datetime | None = None) -> Draft:
+        """Every check that needs no probe. A drill (`drill=True`) takes the policy's
+        default lifetime and is rate-limited only against other drills."""
         scope = self.policy.scope_named(scope_name)
         if scope is None:
             names = ", ".join(f"`{n}`" for n in sorted(self.policy.scopes)) or "none"
@@ -197,37 +212,42 @@ class Service:
                 f"({', '.join(scope.requesters)}). Ask one of its members, or an admin."),
                 {"scope": scope_name})
         quorum.check_reachable(await self.approvers(scope), user, scope.quorum, scope_name)
-        await self._check_rate(user, scope_name)
-        ttl, clamped = self.policy.effective_ttl(scope, requested)
+        await self._check_rate(user, scope_name, drill)
+        ttl, clamped = self.policy.effective_ttl(scope, None if drill else requested)
         return Draft(scope_name, scope, user, reason, incident,
-                     requested or self.policy.tokens.default_ttl, ttl, clamped)
+                     (None if drill else requested) or self.policy.tokens.default_ttl, ttl,
+                     clamped, drill, command_at)
 
-    async def _check_rate(self, user: str, scope_name: str) -> None:
+    async def _check_rate(self, user: str, scope_name: str, drill: bool = False) -> None:
         """The early check, before the probes: refuses at once when the limit is already
-        reached. `submit` counts again, atomically with the insert (the authoritative one)."""
+        reached. `submit` counts again, atomically with the insert (the authoritative one).
+        Real requests and drills are counted apart: a drill never uses up the limit of
+        real requests (and real requests never block a drill)."""
         limits = self.policy.requests
         now = self.clock.now()
         async with self.db.read() as conn:
-            recent = await store.count_since(conn, user, now - limits.rate_window)
+            recent = await store.count_since(conn, user, now - limits.rate_window, drill=drill)
         if recent < limits.rate_limit:
             return
         async with self._write() as w:
-            refusal = self._rate_refusal(w, user, scope_name, recent, now)
+            refusal = self._rate_refusal(w, user, scope_name, recent, now, drill)
         self.wake_outbox()
         raise refusal
 
     def _rate_refusal(self, w: _Writes, user: str, scope_name: str, recent: int,
-                      now: datetime) -> Refusal:
+                      now: datetime, drill: bool = False) -> Refusal:
         """Audit a rate-limit refusal (and alert once per window) in `w`; the Refusal."""
         limits = self.policy.requests
-        refusal = Refusal("rate_limited", f"You made {recent} requests in the last "
+        what = "drills" if drill else "requests"
+        refusal = Refusal("rate_limited", f"You made {recent} {what} in the last "
                           f"{_fmt(limits.rate_window)}; the limit is {limits.rate_limit}. "
-                          "Ask a colleague on call, or wait.")
+                          + ("Wait before the next drill." if drill
+                             else "Ask a colleague on call, or wait."))
         metrics.REFUSALS.labels(code=refusal.code).inc()
         last = self._rate_alerts.get(user)
         self._audit(w, user, "refused", {"code": refusal.code, "scope": scope_name,
-                                         "recent": recent})
-        if last is None or now - last > limits.rate_window:
+                                         "recent": recent, "drill": drill})
+        if not drill and (last is None or now - last > limits.rate_window):
             self._rate_alerts[user] = now
             self._incident(w, blocks.incident_refused(
                 user, scope_name, None,
@@ -239,7 +259,7 @@ class Service:
         results = await self.prober.probe_all(draft.scope.triggers, self.policy.triggers)
         now = self.clock.now()
         failing = [r for r in results if not r.holds]
-        if failing:
+        if failing and not draft.drill:  # a drill shows its triggers; they need not hold
             why = "; ".join(f"trigger `{r.name}` does not hold ({r.description}: {r.detail})"
                             for r in failing)
             async with self._write() as w:
@@ -258,6 +278,7 @@ class Service:
             reason=draft.reason, incident=draft.incident, requested_ttl=draft.requested_ttl,
             ttl=draft.ttl, state=State.PENDING, created_at=now,
             expires_at=now + self.policy.requests.expire_after, triggers=results,
+            drill=draft.drill, command_at=draft.command_at,
         )
         tally = quorum.tally((), draft.scope.quorum)
         limits = self.policy.requests
@@ -266,9 +287,11 @@ class Service:
             # Count and insert in one transaction, the requester's lock held: concurrent
             # commands from one person cannot all pass the count before any inserts.
             await store.lock_requester(w.conn, draft.requester)
-            recent = await store.count_since(w.conn, draft.requester, now - limits.rate_window)
+            recent = await store.count_since(w.conn, draft.requester, now - limits.rate_window,
+                                             drill=draft.drill)
             if recent >= limits.rate_limit:
-                refusal = self._rate_refusal(w, draft.requester, draft.scope_name, recent, now)
+                refusal = self._rate_refusal(w, draft.requester, draft.scope_name, recent, now,
+                                             draft.drill)
             else:
                 await self._open(w, req, draft, tally, results)
         self.wake_outbox()
@@ -286,7 +309,7 @@ class Service:
         self._audit(w, req.requester, "requested", {
             "scope": req.scope, "ttl_s": int(req.ttl.total_seconds()),
             "requested_ttl_s": int(req.requested_ttl.total_seconds()),
-            "reason": req.reason, "incident": req.incident,
+            "reason": req.reason, "incident": req.incident, "drill": req.drill,
             "triggers": [r.as_dict() for r in results]}, req.id)
         w.rows.append(outbox.post_row(
             now, self.reviewer_channel, blocks.card_text(req),
@@ -313,6 +336,7 @@ class Service:
         if scope is None:
             raise Refusal("scope_removed", f"The scope of {request_id} is no longer in the policy.")
         approvers = await self.approvers(scope)  # may ask Slack: outside the transaction
+        fallback = await self.fallback_approvers(scope)
         decision = "approve" if approve else "deny"
         now = self.clock.now()
         refusal: Refusal | None = None
@@ -321,7 +345,9 @@ class Service:
             if req is None:  # pragma: no cover - requests are never deleted
                 raise Refusal("unknown_request", f"There is no request {request_id}.")
             try:
-                quorum.judge_click(req, user, approvers, self.approver_label(scope), now)
+                quorum.judge_click(req, user, approvers, self.approver_label(scope), now,
+                                   fallback=fallback, escalated=req.escalated_at is not None,
+                                   fallback_label=", ".join(scope.fallback_approvers))
             except Refusal as exc:
                 refusal = exc
             if refusal is None:
@@ -348,9 +374,7 @@ class Service:
             self._card(w, req, scope)
             self._incident(w, blocks.incident_denied(req))
             w.rows.append(outbox.post_row(
-                now, req.requester,
-                f"Your break-glass request {req.id} for {req.scope} was denied by <@{user}>.",
-                lane=dm_lane(req.requester)))
+                now, req.requester, blocks.dm_denied(req, user), lane=dm_lane(req.requester)))
             metrics.REQUESTS.labels(outcome="denied").inc()
             return req
         tally = quorum.tally(req.approvals, scope.quorum)
@@ -358,7 +382,9 @@ class Service:
             self._card(w, req, scope)
             return req
         kid = self.keyring.current.kid
-        grant = {"audience": scope.audience, "permissions": list(scope.permissions)}
+        grant: dict[str, Any] = {"audience": scope.audience, "permissions": list(scope.permissions)}
+        if req.drill:  # a real token for no service: the drill audience, and the claim
+            grant = {**grant, "audience": tokens.DRILL_AUDIENCE, "drill": True}
         values: dict[str, Any] = {
             "jti": tokens.new_jti(), "kid": kid, "issued_at": now,
             "token_expires_at": now + req.ttl, "grant": json.dumps(grant)}
@@ -373,8 +399,8 @@ class Service:
         self._card(w, req, scope)
         if self.policy.tokens.delivery == "reveal":
             w.rows.append(outbox.post_row(
-                now, req.requester, f"Your break-glass access to {req.scope} "
-                f"({req.id}) was approved. Reveal the token once.",
+                now, req.requester, blocks.tag(req, f"Your break-glass access to {req.scope} "
+                f"({req.id}) was approved. Reveal the token once."),
                 blocks.dm_reveal(req), key=dm_key(req.id), lane=dm_lane(req.requester)))
         else:
             w.rows.append(outbox.row(now, lane=dm_lane(req.requester), kind="token_dm",
@@ -396,7 +422,8 @@ class Service:
             issuer=self.policy.tokens.issuer, subject=req.requester,
             audience=grant["audience"], permissions=grant["permissions"], client_id=CLIENT_ID,
             request_id=req.id, incident=req.incident, approvers=req.approvals,
-            issued_at=req.issued_at, lifetime=req.ttl, jti=req.jti)
+            issued_at=req.issued_at, lifetime=req.ttl, jti=req.jti,
+            drill=bool(grant.get("drill")))
         return tokens.mint(claims, key)
 
     async def reveal(self, request_id: str, user: str) -> tuple[Request, str]:
@@ -430,10 +457,13 @@ class Service:
                 req = store.moved(req, State.REVEALED, **values)
                 self._audit(w, user, "revealed", {"scope": req.scope}, req.id)
                 w.rows.append(outbox.update_row(now, dm_key(req.id), dm_lane(req.requester),
-                                                f"Token for {req.scope} ({req.id}) revealed.",
+                                                blocks.tag(req, f"Token for {req.scope} "
+                                                           f"({req.id}) revealed."),
                                                 blocks.dm_revealed(req)))
+                await drills.at_reveal(self, w, req, now)
         if refusal is not None:
             raise await self._refuse(user, refusal, {"action": "reveal"}, request_id)
+        drills.observe_access(req, now)
         self.wake_outbox()
         return req, token
 
@@ -465,6 +495,7 @@ class Service:
             if req.token_expires_at and req.token_expires_at <= now:
                 return None
             token = self._mint(req)
+            first = req.state is State.ISSUED
             # A retry after a crash mints again; the new hash replaces the old, so at most
             # one token text of a request is ever valid.
             await w.conn.execute(
@@ -472,6 +503,11 @@ class Service:
                 .values(state=State.REVEALED.value, token_hash=tokens.token_hash(token),
                         revealed_at=now, kid=self.keyring.current.kid))
             self._audit(w, "breakglass", "delivered", {"scope": req.scope}, req.id)
+            if first:  # the DM is the reveal: timed once, whatever retries follow
+                await drills.at_reveal(self, w, req, now)
+        if first:
+            drills.observe_access(req, now)
+            self.wake_outbox()
         text, dm_blocks = blocks.dm_token_message(req, token)
         return Rendered(text, dm_blocks)
 
@@ -537,7 +573,11 @@ class Service:
                 done += await self._expire(req, now)
             except Exception:  # noqa: BLE001 - one bad row must not stop every other expiry
                 log.exception("could not expire %s", req.id)
-        done += await self._escalate(now)
+        for job in (escalation.escalate, expiry.warn, drills.remind):
+            try:
+                done += await job(self, now)
+            except Exception:  # noqa: BLE001 - one failing job must not stop the others
+                log.exception("%s failed", job.__module__ + "." + job.__name__)
         if done:
             self.wake_outbox()
         return done
@@ -556,33 +596,10 @@ class Service:
             else:
                 self._card(w, cur, scope)
                 w.rows.append(outbox.post_row(
-                    now, cur.requester, f"Your break-glass request {cur.id} for {cur.scope} "
-                    "expired without enough approvals.", lane=dm_lane(cur.requester)))
+                    now, cur.requester, blocks.dm_request_expired(cur),
+                    lane=dm_lane(cur.requester)))
             self._incident(w, blocks.incident_expired(cur))
         return 1
-
-    async def _escalate(self, now: datetime) -> int:
-        after = self.policy.requests.escalate_after
-        if after is None:
-            return 0
-        async with self.db.read() as conn:
-            waiting = await store.load_many(conn, store.needs_escalation(now - after))
-        sent = 0
-        for req in waiting:
-            scope = self.policy.scope_named(req.scope)
-            if scope is None:
-                continue
-            async with self._write() as w:
-                if not await store.mark_escalated(w.conn, req.id, now):
-                    continue
-                tally = quorum.tally(req.approvals, scope.quorum)
-                groups = self.policy.usergroups(scope.approvers)
-                mention = " ".join(f"<!subteam^{g}>" for g in groups)
-                text = blocks.reminder(req, tally, mention or self.approver_label(scope))
-                self._audit(w, "breakglass", "escalated", {"scope": req.scope}, req.id)
-                w.rows.append(outbox.post_row(now, self.reviewer_channel, text))
-            sent += 1
-        return sent
 
     async def reconcile_policy(self) -> int:
         """At start: a live token whose grant the current policy no longer covers is revoked."""
@@ -612,7 +629,8 @@ class Service:
         if scope is None:
             return f"scope {req.scope} was removed from the policy"
         grant = req.extra.get("grant") or {}
-        if grant.get("audience") != scope.audience:
+        audience = tokens.DRILL_AUDIENCE if req.drill else scope.audience
+        if grant.get("audience") != audience:
             return f"the audience of {req.scope} changed"
         if not set(grant.get("permissions", [])) <= set(scope.permissions):
             return f"the permissions of {req.scope} were narrowed"

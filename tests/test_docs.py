@@ -30,6 +30,7 @@ from bot.core.kdf import new_master_key
 from bot.core.policy import (
     AlertSettings,
     Client,
+    DrillSettings,
     Group,
     RequestSettings,
     Scope,
@@ -69,6 +70,7 @@ SECTION_MODELS = {
     "clients": Client,
     "alerts": AlertSettings,
     "webhooks": Webhook,
+    "drills": DrillSettings,
 }
 
 
@@ -94,13 +96,15 @@ def test_example_policy_is_valid():
     assert policy.slack.incident_channel == "C0INCIDENT"
     assert policy.tokens.issuer == "https://breakglass.example.internal"
     assert (policy.tokens.algorithm, policy.tokens.delivery) == ("RS256", "reveal")
-    assert set(policy.groups) == {"oncall", "sre-leads"}
+    assert set(policy.groups) == {"oncall", "sre-leads", "eng-directors"}
     assert policy.groups["oncall"].usergroup == "S01ONCALL"
     scope = policy.scopes["payments-write"]
     assert scope.audience == "payments-api"
     assert scope.permissions == ["payments:read", "payments:write"]
     assert (scope.requesters, scope.approvers, scope.quorum) == (["oncall"], ["sre-leads"], 2)
     assert scope.triggers == ["primary-auth-down"]
+    assert scope.fallback_approvers == ["eng-directors"]
+    assert policy.drills.every is not None and policy.drills.every.days == 30
     assert policy.triggers["primary-auth-down"].holds_when == "down"
     assert policy.clients["payments-api"].audiences == ["payments-api"]
 
@@ -110,7 +114,7 @@ def test_example_policy_shows_every_key():
     missing = []
     for section, model in SECTION_MODELS.items():
         tables = data.get(section, {})
-        if section in ("slack", "tokens", "requests", "alerts"):
+        if section in ("slack", "tokens", "requests", "alerts", "drills"):
             tables = {"": tables}
         elif section == "webhooks":
             tables = {str(i): t for i, t in enumerate(tables)}

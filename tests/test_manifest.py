@@ -39,6 +39,7 @@ SCOPES_FOR_METHOD: dict[str, frozenset[str]] = {
     "chat.update": frozenset({"chat:write"}),
     "chat.postEphemeral": frozenset({"chat:write"}),
     "chat.delete": frozenset({"chat:write"}),
+    "chat.getPermalink": frozenset(),  # "No scope required" (bot tokens)
     "views.open": frozenset(),  # needs a trigger_id, no scope
     "views.update": frozenset(),
     "views.push": frozenset(),

@@ -18,12 +18,14 @@ from bot.core.durations import DurationError, parse_duration
 
 __all__ = [
     "DEFAULT_INCIDENT_PATTERN",
+    "DRILL_REASON",
     "EXAMPLE",
     "MAX_REASON_LENGTH",
     "RESERVED_WORDS",
     "USAGE",
     "Command",
     "CommandError",
+    "Drill",
     "Help",
     "ListScopes",
     "OpenModal",
@@ -43,7 +45,10 @@ DEFAULT_INCIDENT_PATTERN = r"[A-Z][A-Z0-9]+-\d+"
 MAX_REASON_LENGTH = 500
 
 #: First words that are subcommands, so they can never be scope names.
-RESERVED_WORDS = frozenset({"help", "scopes", "status", "revoke"})
+RESERVED_WORDS = frozenset({"help", "scopes", "status", "revoke", "drill"})
+
+#: The reason of a drill started without one.
+DRILL_REASON = "drill"
 
 _EXAMPLE_SCOPE = "payments-write"
 _EXAMPLE_REST = "30m INC-4521 auth provider down"
@@ -61,6 +66,8 @@ USAGE = "\n".join(
         "• `/breakglass scopes` – the scopes you may request, with their live trigger state",
         "• `/breakglass status` – your pending requests and active tokens",
         "• `/breakglass revoke ID` – revoke a token or cancel a request",
+        "• `/breakglass drill SCOPE [REASON…]` – rehearse the whole flow for SCOPE; "
+        "approvers approve as for real, and the token works for no service",
         "• `/breakglass help` – this message",
     ]
 )
@@ -111,7 +118,20 @@ class RequestAccess:
     incident: str | None
 
 
-Command: TypeAlias = Help | ListScopes | Status | OpenModal | Revoke | RequestAccess
+@dataclass(frozen=True, slots=True)
+class Drill:
+    """``/breakglass drill SCOPE [REASON…]``: a rehearsal of the whole flow.
+
+    ``reason`` is :data:`DRILL_REASON` when none was given; the token's lifetime is
+    the policy's default, so there is no duration.
+    """
+
+    scope: str
+    reason: str
+    incident: str | None
+
+
+Command: TypeAlias = Help | ListScopes | Status | OpenModal | Revoke | RequestAccess | Drill
 
 
 @functools.lru_cache(maxsize=32)
@@ -156,6 +176,28 @@ def _looks_like_duration(word: str) -> bool:
     return True
 
 
+def _drill(args: list[str], incident_pattern: str) -> Drill:
+    if not args:
+        raise CommandError(
+            "Say which scope to rehearse: `/breakglass drill SCOPE [REASON…]`, e.g. "
+            f"`/breakglass drill {_EXAMPLE_SCOPE} quarterly drill`. "
+            "`/breakglass scopes` lists the scopes you may request."
+        )
+    scope = args[0].lower()
+    if scope in RESERVED_WORDS or _looks_like_duration(scope):
+        raise CommandError(
+            f"`{args[0]}` is not a scope. Write `/breakglass drill SCOPE [REASON…]`, e.g. "
+            f"`/breakglass drill {_EXAMPLE_SCOPE} quarterly drill` (a drill takes no duration)."
+        )
+    reason = normalize_reason(" ".join(args[1:])) or DRILL_REASON
+    if len(reason) > MAX_REASON_LENGTH:
+        raise CommandError(
+            f"The reason is {len(reason)} characters long; keep it to {MAX_REASON_LENGTH} "
+            "or fewer."
+        )
+    return Drill(scope=scope, reason=reason, incident=extract_incident(reason, incident_pattern))
+
+
 def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN) -> Command:
     """Parse the text Slack sends after ``/breakglass``.
 
@@ -185,6 +227,8 @@ def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN) -
                 "the approval card or `/breakglass status`."
             )
         return Revoke(target=args[0])
+    if keyword == "drill":
+        return _drill(args, incident_pattern)
 
     scope = keyword
     if not args:

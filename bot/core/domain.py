@@ -80,6 +80,10 @@ class Request:
     issued_at: datetime | None = None
     token_expires_at: datetime | None = None
     revealed_at: datetime | None = None
+    drill: bool = False  # a rehearsal: its token is for no relying service
+    command_at: datetime | None = None  # when the command reached the bot (None: not known)
+    escalated_at: datetime | None = None  # the escalation reminder went out
+    warned_at: datetime | None = None  # the expiry warning went out
     extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     @property

@@ -13,15 +13,23 @@ from datetime import timedelta
 
 __all__ = [
     "MAX_DURATION",
+    "MAX_PERIOD",
     "DurationError",
     "format_duration",
+    "format_period",
     "parse_duration",
+    "parse_period",
 ]
 
 #: The longest duration anything in breakglass may be given.
 MAX_DURATION = timedelta(days=7)
 
+#: The longest period (how often something recurs, e.g. ``[drills] every``).
+MAX_PERIOD = timedelta(days=366)
+
 _MAX_SECONDS = int(MAX_DURATION.total_seconds())
+_PERIOD_HINT = "write it like 30d, 7d, 24h or 1d12h"
+_DAYS = re.compile(r"([0-9]{1,4})d(.*)", re.DOTALL)
 _HINT = "write it like 90s, 15m, 1h or 1h30m"
 # [0-9], not \d: \d also matches other scripts' digits. At most 9 digits per
 # part keeps int() cheap; anything that long is over the limit anyway.
@@ -89,3 +97,37 @@ def format_duration(duration: timedelta) -> str:
     if seconds:
         parts.append(f"{seconds}s")
     return "".join(parts)
+
+
+def parse_period(text: str) -> timedelta:
+    """How often something recurs: an optional number of days, then a duration
+    (``30d``, ``7d``, ``1d12h``, ``24h``). More than zero, at most :data:`MAX_PERIOD`."""
+    if not isinstance(text, str):
+        raise DurationError(f"{text!r} is not a period: {_PERIOD_HINT}")
+    match = _DAYS.fullmatch(text)
+    days, rest = (int(match.group(1)), match.group(2)) if match else (0, text)
+    if match is None and not _DURATION.fullmatch(text) or not text:
+        raise DurationError(f"{_shown(text)} is not a period: {_PERIOD_HINT}")
+    extra = timedelta(0)
+    if rest:
+        hours = _DURATION.fullmatch(rest)
+        if hours is None:
+            raise DurationError(f"{_shown(text)} is not a period: {_PERIOD_HINT}")
+        h, m, s = (int(part) if part else 0 for part in hours.groups())
+        extra = timedelta(hours=h, minutes=m, seconds=s)
+    total = timedelta(days=days) + extra
+    if total <= timedelta(0):
+        raise DurationError(f"a period must be longer than 0s: {_PERIOD_HINT}")
+    if total > MAX_PERIOD:
+        raise DurationError(f"{_shown(text)} is too long: a period can be at most "
+                            f"{format_period(MAX_PERIOD)}")
+    return total
+
+
+def format_period(period: timedelta) -> str:
+    """``30d``, ``1d12h``, ``4h``: days first, then :func:`format_duration` of the rest."""
+    days = period.days
+    rest = period - timedelta(days=days)
+    if not days:
+        return format_duration(rest)
+    return f"{days}d" + (format_duration(rest) if rest else "")

@@ -35,12 +35,21 @@ from pydantic_core import PydanticCustomError
 
 from bot.core.alerts import QuietHours, QuietHoursError, parse_quiet_hours
 from bot.core.commands import DEFAULT_INCIDENT_PATTERN, RESERVED_WORDS, incident_regex
-from bot.core.durations import MAX_DURATION, DurationError, format_duration, parse_duration
+from bot.core.durations import (
+    MAX_DURATION,
+    DurationError,
+    format_duration,
+    format_period,
+    parse_duration,
+    parse_period,
+)
 from bot.core.events import WEBHOOK_EVENTS
+from bot.core.tokens import DRILL_AUDIENCE
 
 __all__ = [
     "AlertSettings",
     "Client",
+    "DrillSettings",
     "Group",
     "Policy",
     "PolicyError",
@@ -56,7 +65,7 @@ __all__ = [
 ]
 
 _SECTIONS = frozenset({"slack", "tokens", "requests", "groups", "triggers", "scopes", "clients",
-                       "alerts", "webhooks"})
+                       "alerts", "webhooks", "drills"})
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
 _USERGROUP_ID = re.compile(r"S[A-Z0-9]{2,}")
@@ -133,6 +142,22 @@ def _to_optional_duration(value: object) -> timedelta | None:
 
 _DURATION_SCHEMA = WithJsonSchema({"type": "string", "pattern": r"^(\d+h)?(\d+m)?(\d+s)?$"})
 Duration = Annotated[timedelta, PlainValidator(_to_duration), _DURATION_SCHEMA]
+
+
+def _to_period(value: object) -> timedelta:
+    if isinstance(value, str):
+        try:
+            return parse_period(value)
+        except DurationError as exc:
+            raise _problem(str(exc)) from None
+    raise _problem(f'must be a period in quotes, like "30d" (got {_shown(value)})')
+
+
+Period = Annotated[
+    timedelta,
+    PlainValidator(_to_period),
+    WithJsonSchema({"type": "string", "pattern": r"^(\d+d)?(\d+h)?(\d+m)?(\d+s)?$"}),
+]
 OptionalDuration = Annotated[
     timedelta | None, PlainValidator(_to_optional_duration), _DURATION_SCHEMA
 ]
@@ -340,6 +365,9 @@ class TokenSettings(_Model):
     default_ttl: Duration = timedelta(minutes=15)
     """Lifetime when a request names none; when left out, at most ``max_ttl``."""
     max_ttl: Duration = timedelta(hours=1)
+    warn_before: Duration = timedelta(minutes=5)
+    """The requester is told this long before a token expires (a token that lives no
+    longer than this gets no warning: its DM already says when it ends)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -400,6 +428,14 @@ class Scope(_Model):
     quorum: int = Field(default=1, ge=1)
     max_ttl: OptionalDuration = None
     triggers: list[str] = Field(default_factory=list)
+    fallback_approvers: list[str] = Field(default_factory=list)
+    """Groups whose clicks count once the request is escalated (``requests.escalate_after``)."""
+
+
+class DrillSettings(_Model):
+    """``[drills]`` (optional): how often each scope should be rehearsed."""
+
+    every: Period | None = None
 
 
 class Client(_Model):
@@ -465,6 +501,7 @@ class Policy(_Model):
     clients: dict[ClientName, Client] = Field(default_factory=dict)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     webhooks: list[Webhook] = Field(default_factory=list)
+    drills: DrillSettings = Field(default_factory=DrillSettings)
 
     @model_validator(mode="after")
     def _check_references(self) -> Policy:
@@ -548,7 +585,9 @@ class Policy(_Model):
 
         def scope_text(name: str, scope: Scope) -> str:
             ttl = format_duration(scope.max_ttl or self.tokens.max_ttl)
-            return f"{name} (quorum {scope.quorum}, max {ttl})"
+            fallback = (f" with fallback {', '.join(scope.fallback_approvers)}"
+                        if scope.fallback_approvers else "")
+            return f"{name} (quorum {scope.quorum}, max {ttl}){fallback}"
 
         def names(items: Iterable[str]) -> str:
             listed = ", ".join(items)
@@ -565,7 +604,8 @@ class Policy(_Model):
             counted(len(self.clients), "client") + names(self.clients),
             f"tokens: {tokens.algorithm}, {tokens.delivery} delivery, "
             f"default {format_duration(tokens.default_ttl)}, "
-            f"max {format_duration(tokens.max_ttl)}, issuer {tokens.issuer}",
+            f"max {format_duration(tokens.max_ttl)}, expiry warning "
+            f"{format_duration(tokens.warn_before)} before, issuer {tokens.issuer}",
             f"requests: expire after {format_duration(requests.expire_after)}"
             + (
                 f", escalate after {format_duration(requests.escalate_after)}"
@@ -574,6 +614,9 @@ class Policy(_Model):
             )
             + f", at most {requests.rate_limit} per user per "
             f"{format_duration(requests.rate_window)}",
+            "drills: "
+            + (f"every scope every {format_period(self.drills.every)}" if self.drills.every
+               else "no schedule"),
         ]
         if self.webhooks:
             lines.append(counted(len(self.webhooks), "webhook") + names(
@@ -643,13 +686,24 @@ def _reference_errors(
 
     for name, scope in scopes.items():
         path = f"scopes.{_key(name)}"
-        for field in ("requesters", "approvers"):
+        for field in ("requesters", "approvers", "fallback_approvers"):
             for group in getattr(scope, field):
                 if group not in group_names:
                     errors.append(
                         f"{path}.{field}: unknown group '{group}' "
                         f"({_defined('group', group_names)})"
                     )
+        if scope.audience == DRILL_AUDIENCE:
+            errors.append(
+                f"{path}.audience: '{DRILL_AUDIENCE}' is reserved for drill tokens, which no "
+                "relying service accepts; pick the audience of the service this scope is for"
+            )
+        if scope.fallback_approvers and requests is not None and requests.escalate_after is None:
+            errors.append(
+                f"{path}.fallback_approvers: fallback approvers count only after "
+                "requests.escalate_after, which is not set; set it (e.g. \"5m\") or remove "
+                "fallback_approvers"
+            )
         for trigger in scope.triggers:
             if trigger not in trigger_names:
                 errors.append(
@@ -677,7 +731,8 @@ def _reference_errors(
 
     for name, client in clients.items():
         for audience in client.audiences:
-            if audience not in audiences:
+            # A client may list the drill audience: its drill tokens still introspect inactive.
+            if audience not in audiences and audience != DRILL_AUDIENCE:
                 known = ", ".join(sorted(audiences)) or "none"
                 errors.append(
                     f"clients.{_key(name)}.audiences: no scope has audience '{audience}' "

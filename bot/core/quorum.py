@@ -1,7 +1,9 @@
 """Who may approve, and when enough have.
 
 A click counts only from a member of the scope's approver groups, only once
-per person, and never from the requester. One deny closes the request.
+per person, and never from the requester. One deny closes the request. Once a
+request is escalated (``requests.escalate_after`` passed without quorum), the
+members of the scope's ``fallback_approvers`` groups count too.
 """
 
 from __future__ import annotations
@@ -44,11 +46,14 @@ def check_reachable(approvers: Collection[str], requester: str, quorum: int, sco
 
 
 def judge_click(request: Request, user: str, approvers: Collection[str], scope_label: str,
-                now: datetime | None = None) -> None:
+                now: datetime | None = None, *, fallback: Collection[str] = (),
+                escalated: bool = False, fallback_label: str = "") -> None:
     """Raise a Refusal unless `user` may decide on `request` at `now`.
 
     A pending request past its `expires_at` is expired whether or not the sweeper has
-    closed it yet: a click after the deadline never counts."""
+    closed it yet: a click after the deadline never counts. `fallback` are the members
+    of the scope's fallback approver groups: their clicks count only when `escalated`
+    (the caller says so; this stays a pure function)."""
     if request.state is not State.PENDING:
         raise Refusal(
             "request_closed",
@@ -66,7 +71,14 @@ def judge_click(request: Request, user: str, approvers: Collection[str], scope_l
             f"You asked for {request.id} yourself, so your click does not count. "
             "Another approver has to decide.",
         )
-    if user not in approvers:
+    if user not in approvers and user in fallback and not escalated:
+        raise Refusal(
+            "not_escalated_yet",
+            f"You are a fallback approver of `{request.scope}` ({fallback_label}): your click "
+            f"counts only once {request.id} is escalated, if {scope_label} have not reached "
+            "quorum by then. You will get a DM when it is.",
+        )
+    if user not in approvers and not (escalated and user in fallback):
         raise Refusal(
             "not_an_approver",
             f"Only members of the approver groups of `{request.scope}` ({scope_label}) "

@@ -196,6 +196,18 @@ def _epoch(at: datetime) -> int:
     return math.floor(at.timestamp())
 
 
+#: The audience of every drill token (contract section 7.4): no relying service accepts it.
+DRILL_AUDIENCE = "breakglass-drill"
+
+
+def is_drill(claims: Mapping[str, Any]) -> bool:
+    """True for a drill token's claims (its audience or its ``breakglass.drill``)."""
+    bg = claims.get("breakglass")
+    aud = claims.get("aud")
+    auds = [aud] if isinstance(aud, str) else list(aud or []) if isinstance(aud, list) else []
+    return DRILL_AUDIENCE in auds or (isinstance(bg, dict) and bg.get("drill") is True)
+
+
 def build_claims(
     *,
     issuer: str,
@@ -209,6 +221,7 @@ def build_claims(
     issued_at: datetime,
     lifetime: timedelta,
     jti: str,
+    drill: bool = False,
 ) -> dict[str, Any]:
     """RFC 9068 access-token claims. The request's free-text reason is deliberately
     not a parameter: it never goes into a token."""
@@ -227,6 +240,10 @@ def build_claims(
     if incident is not None:
         breakglass["incident"] = incident
     breakglass["approvers"] = sorted(set(approvers))
+    if drill:
+        if audience != DRILL_AUDIENCE:
+            raise ValueError(f"a drill token's audience must be {DRILL_AUDIENCE!r}")
+        breakglass["drill"] = True
     return {
         "iss": issuer,
         "sub": subject,

@@ -48,6 +48,8 @@ def command_ack(parsed: Command | CommandError) -> dict[str, Any]:
         text = "Looking up your requests…"
     elif isinstance(parsed, commands.Revoke):
         text = f"Revoking {escape(parsed.target)}…"
+    elif isinstance(parsed, commands.Drill):
+        text = f"DRILL: checking `{escape(parsed.scope)}` and its trigger conditions…"
     else:
         text = f"Checking `{escape(parsed.scope)}` and its trigger conditions…"
     return {"text": text, "response_type": "ephemeral"}

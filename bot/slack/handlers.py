@@ -59,6 +59,7 @@ class Handlers:
     # -- /breakglass ---------------------------------------------------------
 
     async def on_command(self, ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
+        command_at = self.service.clock.now()  # the start of a drill's (and the histogram's) clock
         user = str(body.get("user_id", ""))
         cmd = acks.parse(str(body.get("text", "")), self.pattern)
         await ack(**acks.command_ack(cmd))
@@ -72,17 +73,22 @@ class Handlers:
             self.spawn(self._reply(respond, self._status_text(user)))
         elif isinstance(cmd, commands.Revoke):
             self.spawn(self._reply(respond, self._revoke_text(cmd.target, user)))
+        elif isinstance(cmd, commands.Drill):
+            self.spawn(self._reply(respond, self._request_text(
+                user, cmd.scope, None, cmd.reason, cmd.incident, command_at, drill=True)))
         else:
             self.spawn(self._reply(respond, self._request_text(
-                user, cmd.scope, cmd.duration, cmd.reason, cmd.incident)))
+                user, cmd.scope, cmd.duration, cmd.reason, cmd.incident, command_at)))
 
     async def _reply(self, respond: AsyncRespond, text: Awaitable[str]) -> None:
         message = await _text_or_refusal(text, "command")
         await respond(text=message, response_type="ephemeral", replace_original=True)
 
     async def _request_text(self, user: str, scope: str, duration: Any, reason: str,
-                            incident: str | None) -> str:
-        draft = await self.service.prepare(user, scope, duration, reason, incident)
+                            incident: str | None, command_at: Any = None, *,
+                            drill: bool = False) -> str:
+        draft = await self.service.prepare(user, scope, duration, reason, incident,
+                                           drill=drill, command_at=command_at)
         req = await self.service.submit(draft)
         return self._opened_text(req, draft)
 
@@ -91,6 +97,18 @@ class Handlers:
         if draft.clamped:
             note = (f"\nNote: you asked for {format_duration(draft.requested_ttl)}; the ceiling "
                     f"for `{req.scope}` is {format_duration(draft.ttl)}, so that is what you get.")
+        if req.drill:
+            failing = [r.name for r in req.triggers if not r.holds]
+            if failing:
+                note += (f"\nIn a real request these triggers would not hold now: "
+                         f"{', '.join(failing)}; a drill goes on.")
+            return blocks.tag(req, (
+                f":performing_arts: Drill *{req.id}* for `{req.scope}` "
+                f"({format_duration(req.ttl)}) is waiting for {draft.scope.quorum} approval(s) "
+                f"from {self.service.approver_label(draft.scope)} in "
+                f"<#{self.service.reviewer_channel}>, as a real request would. It closes "
+                f"{blocks.when(req.expires_at)}. Its token will work for no service; when you "
+                f"reveal it, the incident channel gets the drill's times.{note}"))
         return (f":hourglass: Request *{req.id}* for `{req.scope}` ({format_duration(req.ttl)}) is "
                 f"waiting for {draft.scope.quorum} approval(s) from "
                 f"{self.service.approver_label(draft.scope)} in "
@@ -118,12 +136,13 @@ class Handlers:
         lines = ["*Your requests and tokens*"]
         for req in found:
             if req.is_pending:
-                lines.append(f"• *{req.id}* `{req.scope}`: pending, {len(req.approvals)} "
-                             f"approval(s) so far, closes {blocks.when(req.expires_at)}")
+                lines.append("• " + blocks.tag(req, f"*{req.id}* `{req.scope}`: pending, "
+                             f"{len(req.approvals)} approval(s) so far, closes "
+                             f"{blocks.when(req.expires_at)}"))
             else:
                 assert req.token_expires_at is not None
-                lines.append(f"• *{req.id}* `{req.scope}`: token {req.state.value}, valid until "
-                             f"{blocks.when(req.token_expires_at)}")
+                lines.append("• " + blocks.tag(req, f"*{req.id}* `{req.scope}`: token "
+                             f"{req.state.value}, valid until {blocks.when(req.token_expires_at)}"))
         return "\n".join(lines)
 
     async def _revoke_text(self, target: str, user: str) -> str:
@@ -160,6 +179,7 @@ class Handlers:
         return out
 
     async def on_modal(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        command_at = self.service.clock.now()
         user = str(body.get("user", {}).get("id", ""))
         values = body.get("view", {}).get("state", {}).get("values", {})
 
@@ -187,7 +207,8 @@ class Handlers:
         incident = commands.extract_incident(reason, self.pattern)
         try:
             draft = await asyncio.wait_for(
-                self.service.prepare(user, scope, duration, reason, incident), PREPARE_TIMEOUT)
+                self.service.prepare(user, scope, duration, reason, incident,
+                                     command_at=command_at), PREPARE_TIMEOUT)
         except Refusal as exc:
             where = "reason" if exc.code == SECRET_IN_REASON else "scope"
             await ack(response_action="errors", errors={where: exc.message[:150]})

@@ -45,6 +45,10 @@ def _to_request(row: Any, decided: list[tuple[str, str]]) -> Request:
         issued_at=_aware(row.issued_at),
         token_expires_at=_aware(row.token_expires_at),
         revealed_at=_aware(row.revealed_at),
+        drill=bool(row.drill),
+        command_at=_aware(row.command_at),
+        escalated_at=_aware(row.escalated_at),
+        warned_at=_aware(row.warned_at),
         extra={"grant": json.loads(row.grant)} if row.grant else {},
     )
 
@@ -110,6 +114,8 @@ async def insert_request(conn: AsyncConnection, req: Request) -> None:
             created_at=req.created_at,
             expires_at=req.expires_at,
             version=0,
+            drill=req.drill,
+            command_at=req.command_at,
         )
     )
 
@@ -154,7 +160,7 @@ def moved(req: Request, dst: State, **values: Any) -> Request:
 
 
 _FIELDS = frozenset({"closed_at", "closed_by", "jti", "kid", "issued_at", "token_expires_at",
-                     "revealed_at"})
+                     "revealed_at", "escalated_at", "warned_at"})
 _NOT_FIELDS = frozenset({"token_hash"})  # stored, never part of a Request
 
 
@@ -183,10 +189,14 @@ async def lock_requester(conn: AsyncConnection, requester: str) -> None:
                            {"key": f"breakglass:requests:{requester}"})
 
 
-async def count_since(conn: AsyncConnection, requester: str, since: datetime) -> int:
+async def count_since(conn: AsyncConnection, requester: str, since: datetime, *,
+                      drill: bool = False) -> int:
+    """Requests `requester` opened since `since`: real ones, or (`drill=True`) drills.
+    A drill never counts towards the limit on real requests."""
     n = await conn.scalar(
         select(func.count()).where(
-            and_(requests.c.requester == requester, requests.c.created_at >= since)
+            and_(requests.c.requester == requester, requests.c.created_at >= since,
+                 requests.c.drill == drill)
         )
     )
     return int(n or 0)
@@ -219,6 +229,27 @@ def needs_escalation(before: datetime) -> Any:
         requests.c.escalated_at.is_(None),
         requests.c.created_at <= before,
     )
+
+
+def needs_warning(now: datetime, warn_before: timedelta) -> Any:
+    """Live tokens that end within `warn_before` and were not warned about yet."""
+    return and_(
+        requests.c.state.in_([State.ISSUED.value, State.REVEALED.value]),
+        requests.c.warned_at.is_(None),
+        requests.c.token_expires_at > now,
+        requests.c.token_expires_at <= now + warn_before,
+    )
+
+
+async def mark_warned(conn: AsyncConnection, request_id: str, at: datetime) -> bool:
+    """Claim the expiry warning of one token: True for exactly one caller, across processes."""
+    result = await conn.execute(
+        update(requests)
+        .where(and_(requests.c.id == request_id, requests.c.warned_at.is_(None),
+                    requests.c.state.in_([State.ISSUED.value, State.REVEALED.value])))
+        .values(warned_at=at)
+    )
+    return bool(result.rowcount == 1)
 
 
 async def mark_escalated(conn: AsyncConnection, request_id: str, at: datetime) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData()
@@ -47,10 +49,16 @@ requests = Table(
     Column("revealed_at", DateTime(timezone=True)),
     Column("grant", Text),  # JSON: audience and permissions fixed at quorum
     Column("version", Integer, nullable=False, default=0),
+    # A rehearsal (/breakglass drill): its token is for the audience breakglass-drill, which
+    # no relying service accepts; drills count for no rate limit, alert or review.
+    Column("drill", Boolean, nullable=False, default=False, server_default=false()),
+    Column("command_at", DateTime(timezone=True)),  # when the command reached the bot
+    Column("warned_at", DateTime(timezone=True)),  # the expiry warning went out (once)
 )
 Index("ix_requests_state_expires", requests.c.state, requests.c.expires_at)
 Index("ix_requests_state_token_expires", requests.c.state, requests.c.token_expires_at)
 Index("ix_requests_requester_created", requests.c.requester, requests.c.created_at)
+Index("ix_requests_drill_scope", requests.c.drill, requests.c.scope)
 
 # One row per person and request: the unique constraint is what makes
 # "each approver counts once" hold under concurrent clicks.
@@ -146,4 +154,13 @@ token_uses = Table(
     Column("last_at", DateTime(timezone=True), nullable=False),
     Column("last_client", String(128), nullable=False),
     Column("reported_at", DateTime(timezone=True), nullable=False),
+)
+
+# Jobs that must run once per period across every process (the daily drill reminder):
+# a process claims a run with a conditional UPDATE of its row's last_run_at.
+periodic_runs = Table(
+    "periodic_runs",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("last_run_at", DateTime(timezone=True), nullable=False),
 )
