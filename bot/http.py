@@ -22,8 +22,8 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from . import metrics
 from .core.policy import Client
 from .introspection import INACTIVE_BODY
-from .slack import acks
-from .slack.signature import SignatureError, verify_signature
+from .slack import acks, intake
+from .slack.signature import SignatureError, check_headers, verify_signature
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -64,17 +64,6 @@ def _problem(status: int, error: str, message: str, **headers: str) -> web.Respo
     return web.json_response({"error": error, "message": message}, status=status, headers=headers)
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes | None:
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = bytearray()
-    while chunk := await request.content.read(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
 async def slack_events(request: web.Request) -> web.StreamResponse:
     rt: Runtime = request.app[RUNTIME]
     started = time.perf_counter()
@@ -88,17 +77,27 @@ async def slack_events(request: web.Request) -> web.StreamResponse:
 async def _answer(rt: Runtime, request: web.Request, started: float
                   ) -> web.StreamResponse | tuple[str, str, dict[str, str], str]:
     """The answer, when it can be given at once; else what Bolt needs to give it."""
-    body = await _read_limited(request, MAX_SLACK_BODY)
-    if body is None:
-        return _problem(413, "too_large", "Slack request bodies are at most 1 MiB.")
     if not rt.settings.signing_secret:
         # Socket Mode without a signing secret: nothing here can prove Slack sent it.
         return _problem(401, "invalid_signature", "this bot takes Slack requests over Socket Mode")
-    try:
-        verify_signature(rt.settings.signing_secret, request.headers.get("X-Slack-Request-Timestamp"),
-                         request.headers.get("X-Slack-Signature"), body, time.time())
+    timestamp = request.headers.get("X-Slack-Request-Timestamp")
+    signature = request.headers.get("X-Slack-Signature")
+    try:  # before a byte of the body is read (slack/intake.py)
+        check_headers(rt.settings.signing_secret, timestamp, signature, time.time())
     except SignatureError as exc:
         return _problem(401, "invalid_signature", str(exc))
+    reservation = intake.Reservation(rt.slack_body_budget)
+    try:
+        body = await intake.read_body(request, MAX_SLACK_BODY, reservation,
+                                      rt.slack_body_timeout)
+        verify_signature(rt.settings.signing_secret, timestamp, signature, body, time.time())
+    except intake.BodyRefused as exc:
+        headers = {"Retry-After": "1"} if exc.status == 503 else {}
+        return _problem(exc.status, exc.error, exc.message, **headers)
+    except SignatureError as exc:
+        return _problem(401, "invalid_signature", str(exc))
+    finally:
+        reservation.release()
     if request.headers.get("X-Slack-Retry-Num"):
         # Slack retries only when an answer was late; the first delivery is being handled.
         return web.Response(status=200, headers={"X-Slack-No-Retry": "1"})
@@ -111,9 +110,8 @@ async def _answer(rt: Runtime, request: web.Request, started: float
         return _problem(400, "bad_body", problem)
     if "ssl_check" in form and payload is None and "command" not in form:
         return web.Response(status=200)  # Slack checking the certificate: nothing to do
-    signature = request.headers["X-Slack-Signature"]
-    if not rt.replay_guard.first_time_here(signature,
-                                           int(request.headers["X-Slack-Request-Timestamp"])):
+    assert signature is not None and timestamp is not None
+    if not rt.replay_guard.first_time_here(signature, int(timestamp)):
         log.warning("replayed Slack request ignored")
         return web.Response(status=200)
     headers = dict(request.headers)

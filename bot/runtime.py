@@ -30,6 +30,7 @@ from .introspection import Introspector
 from .keys import AUDIT_KEY_NAME, KeyRing, sealed_secret
 from .outbox import Dispatcher
 from .service import Service
+from .slack import intake
 from .slack.app import PooledRespond, build_app
 from .slack.handlers import Handlers
 from .store.db import Database
@@ -37,6 +38,7 @@ from .store.replay import ReplayGuard
 from .triggers import Prober
 
 log = logging.getLogger(__name__)
+LINGER = 1.0  # seconds
 _WAITED: ContextVar[bool] = ContextVar("waited_for_foreground", default=False)
 
 APP_TOKEN_REFUSED = {"invalid_auth", "not_authed", "not_allowed_token_type", "token_revoked",
@@ -74,6 +76,10 @@ class Runtime:
         self._connecting: asyncio.Task[Any] | None = None
         self.port: int | None = None
         self.foreground = Foreground()
+        # Unverified Slack request bodies: how long one may take, and how many bytes of
+        # them every request together may hold (slack/intake.py).
+        self.slack_body_timeout = intake.BODY_TIMEOUT
+        self.slack_body_budget = intake.BodyBudget()
 
     async def start(self) -> None:
         s = self.settings
@@ -112,7 +118,10 @@ class Runtime:
                        asyncio.create_task(self._sweep_loop())]
 
     async def serve_http(self, host: str | None = None, port: int | None = None) -> int:
-        self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False)
+        # A request answered before its body was read (a stale stamp, a body too slow) is
+        # drained for at most LINGER seconds, then its connection is closed.
+        self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False,
+                                     lingering_time=LINGER)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host or self.settings.host,
                            self.settings.port if port is None else port)

@@ -7,6 +7,7 @@ stalled bodies, foreign workspaces, escaping, client-secret guessing, /metrics).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -306,3 +307,94 @@ async def test_a_future_stamped_signature_is_kept_until_its_own_window_ends(tmp_
 
         clock.advance(timedelta(minutes=5))  # now past the stamp's window: pruned
         assert await box.bot.replay_guard.prune() >= 1
+
+
+# ------------------------------------------- 1. bodies that pin memory on /slack/events
+
+
+async def stalled(box: Sandbox, headers: dict[str, str], declared: int, sent: bytes
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that sends its headers (declaring `declared` body bytes), then
+    `sent`, then nothing more."""
+    port = int(box.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(f"POST /slack/events HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}"
+                 f"Content-Type: {FORM}\r\nContent-Length: {declared}\r\n\r\n".encode() + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def answer_and_close(reader: asyncio.StreamReader, within: float) -> tuple[int, bytes]:
+    """The status and headers the bot sent, and that it then closed the connection
+    (EOF), both within `within` seconds."""
+    raw = await asyncio.wait_for(reader.read(), within)  # read() returns at EOF
+    assert raw, "closed without an answer"
+    return int(raw.split(b" ", 2)[1]), raw
+
+
+def fresh_headers(box: Sandbox, stamp: int | None = None) -> dict[str, str]:
+    """Headers as Slack's, for a body that will never come (the signature cannot be
+    checked without it, but nothing in the headers gives that away)."""
+    return {"X-Slack-Request-Timestamp": str(stamp or int(time.time())),
+            "X-Slack-Signature": "v0=" + secrets.token_hex(32)}
+
+
+async def test_200_stalled_connections_with_a_stale_stamp_are_refused_and_closed(
+        box: Sandbox) -> None:
+    stale = fresh_headers(box, int(time.time()) - 3600)
+    conns = await asyncio.gather(*(stalled(box, stale, 1024 * 1024, b"") for _ in range(200)))
+    started = time.monotonic()
+    answers = await asyncio.gather(*(answer_and_close(r, within=5.0) for r, _ in conns))
+    assert {status for status, _ in answers} == {401}
+    assert all(b"outside the 5-minute window" in raw for _, raw in answers)
+    assert time.monotonic() - started < 5.0
+    missing = fresh_headers(box)
+    del missing["X-Slack-Request-Timestamp"]
+    reader, _ = await stalled(box, missing, 1024 * 1024, b"")
+    assert (await answer_and_close(reader, within=5.0))[0] == 401
+    for _, writer in conns:
+        writer.close()
+
+
+async def test_a_body_that_stalls_is_cut_off_by_the_read_timeout(box: Sandbox) -> None:
+    box.bot.slack_body_timeout = 0.5
+    conns = await asyncio.gather(*(stalled(box, fresh_headers(box), 1024 * 1024,
+                                           b"command=%2Fbreakglass&" + b"a" * 10_000)
+                                   for _ in range(50)))
+    answers = await asyncio.gather(*(answer_and_close(r, within=5.0) for r, _ in conns))
+    assert {status for status, _ in answers} == {408}
+    assert box.bot.slack_body_budget.held == 0
+    for _, writer in conns:
+        writer.close()
+
+
+async def test_unverified_bodies_in_flight_are_bounded_by_a_budget(box: Sandbox) -> None:
+    from bot.slack.intake import BodyBudget
+
+    box.bot.slack_body_timeout = 3.0
+    budget = box.bot.slack_body_budget = BodyBudget(limit=256 * 1024)
+    piece = b"command=%2Fbreakglass&pad=" + b"a" * (100 * 1024)
+    conns = []
+    for _ in range(6):  # 6 x 100 KiB held against 256 KiB: some must be turned away
+        conns.append(await stalled(box, fresh_headers(box), 512 * 1024, piece))
+    started = time.monotonic()
+
+    async def turned_away(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
+        with contextlib.suppress(TimeoutError):
+            return await answer_and_close(reader, within=1.0)
+        return None  # still being read: its bytes are held against the budget
+
+    busy = [a for a in await asyncio.gather(*(turned_away(r) for r, _ in conns)) if a]
+    assert busy and len(busy) < len(conns), busy
+    assert {status for status, _ in busy} == {503}, busy
+    assert all(b"Retry-After: 1" in raw for _, raw in busy)
+    assert time.monotonic() - started < 2.5  # turned away at once, not at the timeout
+    assert budget.held <= budget.limit
+    # A real Slack request still gets through once the stalled bodies timed out.
+    await asyncio.sleep(3.2)
+    assert budget.held == 0
+    resp = await command(box, ALICE, "status")
+    assert resp.status == 200
+    for _, writer in conns:
+        writer.close()
