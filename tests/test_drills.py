@@ -316,3 +316,37 @@ async def test_drill_expiry_and_restart_keep_it_a_drill(make_box: MakeBox) -> No
     clock.advance(timedelta(minutes=31))
     await wait_state(box, rid, "expired")
     assert all(p.startswith("DRILL") for p in incident(box, "expired", rid))
+
+
+# ------------------------------------------------------------------ grammar and policy
+
+
+def test_drill_grammar() -> None:
+    from bot.core.commands import CommandError, Drill, parse_command
+
+    assert parse_command("drill payments-write") == Drill("payments-write", "drill", None)
+    assert parse_command("DRILL Payments-Write INC-12 q4 drill") == Drill(
+        "payments-write", "INC-12 q4 drill", "INC-12")
+    for bad in ("drill", "drill 30m", "drill status"):
+        with pytest.raises(CommandError):
+            parse_command(bad)
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    (('audience = "db-api"', 'audience = "breakglass-drill"'),
+     "scopes.db-admin.audience: 'breakglass-drill' is reserved for drill tokens"),
+    (("[clients.payments-api]", '[drills]\nevery = "1x"\n\n[clients.payments-api]'),
+     "drills.every: '1x' is not a period: write it like 30d, 7d, 24h or 1d12h"),
+    (("[clients.payments-api]", '[drills]\nevery = "400d"\n\n[clients.payments-api]'),
+     "drills.every: '400d' is too long: a period can be at most 366d"),
+    (("[clients.payments-api]", "[scopes.drill]\n\n[clients.payments-api]"),
+     "scopes.drill: 'drill' is a /breakglass subcommand"),
+])
+def test_drill_policy_errors(change: tuple[str, str], error: str) -> None:
+    from bot.core.policy import PolicyError, parse_policy
+    from bot.sandbox import sandbox_policy
+
+    text = sandbox_policy("http://127.0.0.1:9", "secret").replace(*change)
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text)
+    assert any(e.startswith(error) for e in caught.value.errors), caught.value.errors
