@@ -1,18 +1,32 @@
-"""Publishing the audit log's head outside the database.
+"""Audit checkpoints: publishing the audit log's head outside the database.
 
 The MAC chain shows any edit, deletion or insertion in the middle of the log,
 but not a cut of its tail, a whole log replaced by an older copy, or a chain
 rewritten by someone holding the MAC key. A witness outside the database
-closes those gaps: every hour (if anything was logged) and every
-`every_events` events, the head (last sequence number and its MAC) is posted
-to the incident channel, through the outbox, in the same transaction as an
-audit row `head_published` that records it. An operator compares the latest
-posted head with the log (`check_head`, or `breakglass audit export`): the
-row with that sequence number must exist and carry that MAC.
+closes those gaps: the head (last sequence number and its MAC, exactly as
+stored) is signed with the bot's signing key (`bot.core.checkpoint`) and
+posted to the incident channel, through the outbox, in the same transaction
+as an audit row `checkpoint` that records it. `breakglass audit verify
+--slack` (`bot.audit_slack`) reads the posts back and compares.
+
+When a checkpoint is due
+------------------------
+
+* within `WITHIN` (60 s) of any `issued`, `revealed`, `revoked` or `reviewed`
+  event: such an event waits at most `gather` (15 s) so that a burst shares
+  one checkpoint, then the next sweep (every second) publishes;
+* at least every `every` (an hour) while anything was written;
+* after `every_events` (1,000) rows without one.
+
+Once across processes: the decision is taken again inside the write
+transaction, under SQLite's write lock or, on PostgreSQL, the audit log's
+advisory lock (taken before the head is read), so of several `serve`
+processes sharing one database exactly one publishes a given head. The post
+goes to a lane of its own (`checkpoint:<channel>`), so a backlog of incident
+posts does not hold it back.
 
 Call `publish_head` from a periodic loop (Runtime's sweep); it is cheap when
-nothing is due (one bounded read) and safe from several processes at once
-(the decision is taken again under the write lock).
+nothing is due (a few bounded reads, no write lock).
 """
 
 from __future__ import annotations
@@ -21,15 +35,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import audit, outbox
+from .core import checkpoint
 from .core.clock import Clock
+from .core.tokens import SigningKey
 from .store.db import Database
 from .store.schema import audit_log
 
-EVENT = "head_published"
+EVENT = "checkpoint"
+LEGACY_EVENT = "head_published"  # what versions before signed checkpoints wrote
+EVENTS = (EVENT, LEGACY_EVENT)
+SECURITY_EVENTS = ("issued", "revealed", "revoked", "reviewed")
+WITHIN = timedelta(seconds=60)  # the promise (contract §6)
+GATHER = timedelta(seconds=15)  # how long a security event waits for others to share its checkpoint
 EVERY_EVENTS = 1000
 EVERY = timedelta(hours=1)
 
@@ -40,8 +61,12 @@ class Head:
     mac: str
 
 
-async def _due(conn: AsyncConnection, now: datetime, every_events: int,
-               every: timedelta) -> Head | None:
+def lane(channel: str) -> str:
+    return f"checkpoint:{channel}"
+
+
+async def _due(conn: AsyncConnection, now: datetime, every_events: int, every: timedelta,
+               gather: timedelta) -> Head | None:
     """The head to publish now, or None when it is not time yet."""
     seq, mac = await audit.head(conn)
     if seq == 0:
@@ -50,7 +75,7 @@ async def _due(conn: AsyncConnection, now: datetime, every_events: int,
     # Only the last `every_events` rows are looked at: a scan bounded by the primary key.
     # No publication among them means `every_events` events went unpublished: due.
     last = (await conn.execute(
-        select(c.seq, c.at).where(and_(c.seq > seq - every_events, c.event == EVENT))
+        select(c.seq, c.at).where(and_(c.seq > seq - every_events, c.event.in_(EVENTS)))
         .order_by(c.seq.desc()).limit(1))).first()
     if last is None:
         if seq >= every_events:
@@ -66,13 +91,12 @@ async def _due(conn: AsyncConnection, now: datetime, every_events: int,
         return Head(seq, mac)
     if since_at is not None and now - _aware(since_at) >= every:
         return Head(seq, mac)
+    first_security = await conn.scalar(
+        select(c.at).where(and_(c.seq > since_seq, c.event.in_(SECURITY_EVENTS)))
+        .order_by(c.seq).limit(1))
+    if first_security is not None and now - _aware(first_security) >= gather:
+        return Head(seq, mac)
     return None
-
-
-def message(head: Head) -> str:
-    return (f":ledger: Audit checkpoint: the audit log's head is sequence {head.seq} with MAC "
-            f"`{head.mac}`. Keep this message: an operator compares it with the log "
-            "(`breakglass audit export`) to detect a log cut short, replaced or rewritten.")
 
 
 async def publish_head(
@@ -80,39 +104,42 @@ async def publish_head(
     audit_key: bytes,
     clock: Clock,
     channel: str,
+    signing_key: SigningKey,
     *,
     every_events: int = EVERY_EVENTS,
     every: timedelta = EVERY,
+    gather: timedelta = GATHER,
     force: bool = False,
     wake: Callable[[], None] | None = None,
-) -> Head | None:
-    """Post the head to `channel` when it is due (or `force`); return what was published.
-
-    Due: `every_events` rows were appended since the last publication, or at
-    least one row was and `every` has passed since the last publication (since
-    the first row when there was none). The publication is itself an audit
-    row, so the next head covers it.
-    """
+) -> checkpoint.Signed | None:
+    """Sign and post the head to `channel` when it is due (or `force`); return what was
+    published. The publication is itself an audit row, so the next head covers it."""
     every_events = max(1, every_events)
     now = clock.now()
     if not force:
         async with db.read() as conn:
-            if await _due(conn, now, every_events, every) is None:
+            if await _due(conn, now, every_events, every, gather) is None:
                 return None
     async with db.transaction() as conn:
+        if conn.dialect.name == "postgresql":
+            # The appenders' lock, before the head is read: no row can be appended (and
+            # no other process can publish) between this decision and our own append.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"),
+                               {"k": audit.ADVISORY_LOCK_ID})
         if force:
             seq, mac = await audit.head(conn)
             head: Head | None = Head(seq, mac) if seq else None
         else:
-            head = await _due(conn, now, every_events, every)  # again, under the lock
+            head = await _due(conn, now, every_events, every, gather)  # again, under the lock
         if head is None:
             return None
+        signed = checkpoint.sign(checkpoint.Checkpoint(head.seq, head.mac, now), signing_key)
         await audit.append(conn, audit_key, at=now, actor="breakglass", event=EVENT,
-                           details={"seq": head.seq, "mac": head.mac})
-        await outbox.post(conn, now, channel, message(head))
+                           details=signed.details())
+        await outbox.post(conn, now, channel, checkpoint.message(signed), lane=lane(channel))
     if wake is not None:
         wake()
-    return head
+    return signed
 
 
 async def check_head(db: Database, seq: int, mac: str) -> str | None:
@@ -134,7 +161,7 @@ async def published_heads(db: Database) -> list[tuple[int, str]]:
     """Every head the log says it published, oldest first (for an operator's comparison)."""
     out: list[tuple[int, str]] = []
     async for row in audit.export(db):
-        if row["event"] == EVENT:
+        if row["event"] in EVENTS:
             details = row["details"]
             out.append((int(details["seq"]), str(details["mac"])))
     return out
@@ -146,5 +173,5 @@ def _aware(value: datetime | str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-__all__ = ["EVENT", "EVERY", "EVERY_EVENTS", "Head", "check_head", "message", "publish_head",
-           "published_heads"]
+__all__ = ["EVENT", "EVENTS", "EVERY", "EVERY_EVENTS", "GATHER", "SECURITY_EVENTS", "WITHIN",
+           "Head", "check_head", "lane", "publish_head", "published_heads"]

@@ -13,10 +13,14 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, Settings
 from .core.kdf import MasterKeyError, check_master_key, new_master_key
 from .core.policy import Policy, PolicyError, load_policy
+
+if TYPE_CHECKING:
+    from . import audit_slack
 
 log = logging.getLogger("bot")
 
@@ -183,18 +187,56 @@ async def _audit(args: argparse.Namespace) -> int:
         except WrongMasterKey as exc:
             raise Exit(2, str(exc)) from None
         if args.audit_cmd == "verify":
+            target = _slack_target() if args.slack else None
             result = await audit.verify(db, key)
-            if result.ok:
-                print(f"audit log intact: {result.rows} row(s)")
-                return 0
-            print(f"audit log broken at sequence {result.first_bad_seq}: {result.problem}")
-            return 1
+            broken = None if result.ok else f"broken at sequence {result.first_bad_seq}: {result.problem}"
+            print(f"audit log intact: {result.rows} row(s)" if broken is None else f"audit log {broken}")
+            if target is None:
+                return 0 if broken is None else 1
+            return await _verify_slack(db, master, target, broken, args)
         since = _parse_since(args.since) if args.since else None
         async for row in audit.export(db, since):
             sys.stdout.write(json.dumps(row, separators=(",", ":"), sort_keys=True) + "\n")
         return 0
     finally:
         await db.dispose()
+
+
+def _slack_target() -> audit_slack.Target:
+    """`audit verify --slack`: the incident channel from the policy, Slack from the env."""
+    from . import audit_slack
+    from .config import DEFAULT_API_URL
+
+    policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
+    token = os.environ.get("SLACK_BOT_TOKEN", "").strip()
+    if not token:
+        raise Exit(2, "SLACK_BOT_TOKEN is not set: --slack reads the incident channel's history "
+                   "with the bot token (xoxb-…) of the breakglass app")
+    if not token.startswith("xoxb-"):
+        raise Exit(2, "SLACK_BOT_TOKEN must be a bot token starting with xoxb-")
+    api_url = os.environ.get("SLACK_API_URL", "").strip() or DEFAULT_API_URL
+    return audit_slack.Target(token, api_url if api_url.endswith("/") else api_url + "/",
+                              policy.slack.incident_channel)
+
+
+async def _verify_slack(db: Any, master: str, target: audit_slack.Target, broken: str | None,
+                        args: argparse.Namespace) -> int:
+    from . import audit_slack
+    from .keys import WrongMasterKey
+
+    since = _parse_since(args.since) if args.since else None
+    try:
+        lines, problems = await audit_slack.check(db, master, target, chain_problem=broken,
+                                                  oldest=since, alert=not args.no_alert)
+    except audit_slack.SlackUnusable as exc:
+        raise Exit(2, f"audit verify --slack: {exc}") from None
+    except WrongMasterKey as exc:
+        raise Exit(2, str(exc)) from None
+    for line in problems:
+        print(f"audit checkpoint mismatch: {line}")
+    for line in lines:
+        print(line)
+    return 1 if problems or broken else 0
 
 
 def _parse_since(text: str) -> datetime:
@@ -278,7 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keys)
     a = sub.add_parser("audit", help="the tamper-evident audit log")
     asub = a.add_subparsers(dest="audit_cmd", required=True)
-    asub.add_parser("verify", help="check the MAC chain; exit 1 naming the first bad row")
+    v = asub.add_parser("verify", help="check the MAC chain; exit 1 naming the first bad row")
+    v.add_argument("--slack", action="store_true",
+                   help="also compare the checkpoints the bot posted in the incident channel "
+                   "(BREAKGLASS_POLICY, SLACK_BOT_TOKEN, SLACK_API_URL); exit 1 naming a "
+                   "checkpoint's sequence number the database lacks or holds another MAC for, "
+                   "and post an alert there")
+    v.add_argument("--since", help="with --slack: only checkpoints posted at or after this "
+                   "ISO-8601 time")
+    v.add_argument("--no-alert", action="store_true",
+                   help="with --slack: print a failure but post no alert to Slack")
     e = asub.add_parser("export", help="write rows as JSON Lines")
     e.add_argument("--since", help="ISO-8601 time")
     a.set_defaults(func=cmd_audit)

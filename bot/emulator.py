@@ -22,6 +22,7 @@ Both transports build their payloads with the same functions
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import json
@@ -80,7 +81,8 @@ class Message:
 
     def as_slack(self) -> JSON:
         """The message object as Slack returns it in API answers and payloads."""
-        return {"type": "message", "user": self.user, "bot_id": BOT_ID, "team": TEAM_ID,
+        by_bot = {"bot_id": BOT_ID} if self.user == BOT_USER_ID else {}
+        return {"type": "message", "user": self.user, **by_bot, "team": TEAM_ID,
                 "ts": self.ts, "text": self.text, "blocks": self.blocks,
                 **({"thread_ts": self.thread_ts} if self.thread_ts else {})}
 
@@ -216,6 +218,7 @@ class SlackEmulator:
             "views.update": self._views_update, "conversations.open": self._conversations_open,
             "users.info": self._users_info, "usergroups.users.list": self._usergroup_members,
             "chat.getPermalink": self._get_permalink,
+            "conversations.history": self._conversations_history,
         }
         # Methods that take an app-level token (xapp-) instead of the bot token.
         self._app_methods: dict[str, Callable[[JSON], JSON]] = {
@@ -298,6 +301,15 @@ class SlackEmulator:
 
     def message(self, channel: str, ts: str) -> Message | None:
         return next((m for m in self.messages(channel) if m.ts == ts), None)
+
+    def post_as(self, user_id: str, channel: str, text: str,
+                thread_ts: str | None = None) -> Message:
+        """A person (not the bot) writes in a channel, as in Slack's own client."""
+        msg = Message(self.resolve_channel(channel), self._next_ts(), text, [], user=user_id,
+                      thread_ts=thread_ts)
+        self._messages.setdefault(msg.channel, []).append(msg)
+        self._changed.set()
+        return msg
 
     def calls_to(self, method: str) -> list[ApiCall]:
         return [call for call in self.calls if call.method == method]
@@ -652,6 +664,46 @@ class SlackEmulator:
             raise ApiError("no_such_subteam")
         return {"users": list(members)}
 
+    def _conversations_history(self, params: JSON) -> JSON:
+        """Newest first, top-level messages only (thread replies are not history), with
+        Slack's cursor pagination: `limit` (default 100, at most 999) per page, and
+        `response_metadata.next_cursor` until the last page."""
+        channel = self._channel(params)
+        try:
+            limit = int(params.get("limit") or 100)
+        except (TypeError, ValueError):
+            raise ApiError("invalid_limit") from None
+        limit = max(1, min(limit, 999))
+        oldest, latest = _ts_bound(params.get("oldest"), 0), _ts_bound(params.get("latest"), None)
+        inclusive = str(params.get("inclusive") or "").lower() in ("1", "true")
+        below: int | None = None  # from the cursor: the ts of the newest message to return
+        cursor = str(params.get("cursor") or "")
+        if cursor:
+            try:
+                kind, _, value = base64.b64decode(cursor, validate=True).decode().partition(":")
+                if kind != "next_ts":
+                    raise ValueError(kind)
+                below = _ts_micros(value)
+            except ValueError:
+                raise ApiError("invalid_cursor") from None
+        chosen: list[Message] = []
+        for m in reversed(self._messages.get(channel, [])):
+            t = _ts_micros(m.ts)
+            if m.deleted or (m.thread_ts and m.thread_ts != m.ts):
+                continue
+            if (t < oldest or (t == oldest and not inclusive and oldest)
+                    or (latest is not None and (t > latest or (t == latest and not inclusive)))
+                    or (below is not None and t > below)):
+                continue
+            chosen.append(m)
+            if len(chosen) > limit:
+                break
+        page, rest = chosen[:limit], chosen[limit:]
+        next_cursor = (base64.b64encode(f"next_ts:{rest[0].ts}".encode()).decode()
+                       if rest else "")
+        return {"messages": [m.as_slack() for m in page], "has_more": bool(rest),
+                "pin_count": 0, "response_metadata": {"next_cursor": next_cursor}}
+
     def _channel(self, params: JSON) -> str:
         channel = str(params.get("channel") or "")
         if not channel:
@@ -668,6 +720,22 @@ class SlackEmulator:
         self._last_ts += 100
         seconds, micros = divmod(self._last_ts, 1_000_000)
         return f"{seconds}.{micros:06d}"
+
+
+def _ts_micros(ts: str) -> int:
+    seconds, _, micros = ts.partition(".")
+    if not seconds.isdigit() or not (micros.isdigit() or micros == "") or len(micros) > 6:
+        raise ValueError(ts)
+    return int(seconds) * 1_000_000 + int(micros.ljust(6, "0") or 0)
+
+
+def _ts_bound(value: Any, default: int | None) -> int | None:
+    if value in (None, ""):
+        return default
+    try:
+        return _ts_micros(str(value))
+    except ValueError:
+        raise ApiError("invalid_ts_oldest") from None
 
 
 def _content(params: JSON) -> tuple[str, list[JSON]]:

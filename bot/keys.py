@@ -358,9 +358,32 @@ async def sealed_secret(db: Database, master_key: str, name: str) -> bytes:
 
     The audit log's MAC key lives here rather than being derived from the master key,
     so `rotate-master` re-encrypts it and the chain stays verifiable."""
+    found = await _sealed_secret(db, master_key, name, create=True)
+    assert found is not None
+    return found
+
+
+async def existing_sealed_secret(db: Database, master_key: str, name: str) -> bytes | None:
+    """Like `sealed_secret`, but None instead of making one (for read-only commands)."""
+    return await _sealed_secret(db, master_key, name, create=False)
+
+
+async def verification_keys(db: Database, master_key: str) -> dict[str, VerificationKey]:
+    """Every signing key's public half, retired ones included, each authenticated by
+    decrypting its private half (so a key slipped into the table is not trusted).
+    Read-only: creates nothing. Raises WrongMasterKey."""
+    aead = _aead(master_key)
+    async with db.read() as conn:
+        rows = await _rows(conn)
+    return {row.kid: _verification_key(aead, row) for row in rows}
+
+
+async def _sealed_secret(db: Database, master_key: str, name: str, *, create: bool) -> bytes | None:
     aead = _aead(master_key)
     async with db.read() as conn:
         blob = await conn.scalar(select(sealed_secrets.c.blob).where(sealed_secrets.c.name == name))
+    if blob is None and not create:
+        return None
     if blob is None:
         async with db.transaction() as conn:
             await _lock(conn)
@@ -372,4 +395,5 @@ async def sealed_secret(db: Database, master_key: str, name: str) -> bytes:
     return _decrypt(aead, _SEALED_AAD + name, blob)
 
 
-__all__ = ["KeyIntegrityError", "KeyRing", "WrongMasterKey", "new_kid", "sealed_secret"]
+__all__ = ["KeyIntegrityError", "KeyRing", "WrongMasterKey", "existing_sealed_secret", "new_kid",
+           "sealed_secret", "verification_keys"]

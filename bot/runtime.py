@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Coroutine, Mapping
 from contextvars import ContextVar
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -17,7 +18,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from . import audit
-from .audit_publish import publish_head
+from .audit_publish import GATHER, publish_head
 from .config import Settings
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
@@ -61,12 +62,14 @@ def slack_client(settings: Settings, session: aiohttp.ClientSession | None = Non
 class Runtime:
     def __init__(self, settings: Settings, policy: Policy, *, clock: Clock | None = None,
                  sweep_interval: float = 1.0, policy_text: str = "",
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None,
+                 checkpoint_gather: timedelta = GATHER) -> None:
         self.settings = settings
         self.env = os.environ if env is None else env  # where [[webhooks]] secrets are read
         self.policy = policy
         self.clock = clock or SystemClock()
         self.sweep_interval = sweep_interval
+        self.checkpoint_gather = checkpoint_gather  # a security event's checkpoint waits this long
         self.policy_hash = hashlib.sha256(policy_text.encode()).hexdigest()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
@@ -219,7 +222,8 @@ class Runtime:
                 await self.service.sweep()
                 await self.introspector.summarise_uses()
                 await publish_head(self.db, self.audit_key, self.clock,
-                                   self.policy.slack.incident_channel, wake=self.dispatcher.wake)
+                                   self.policy.slack.incident_channel, self.keyring.current,
+                                   gather=self.checkpoint_gather, wake=self.dispatcher.wake)
                 rounds += 1
                 if rounds % 60 == 0:
                     await self.replay_guard.prune()

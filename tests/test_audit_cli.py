@@ -23,8 +23,9 @@ import aiohttp
 import pytest
 
 from bot import audit
-from bot.audit_publish import EVENT, check_head, publish_head, published_heads
+from bot.audit_publish import EVENT, check_head, lane, publish_head, published_heads
 from bot.core.clock import ManualClock
+from bot.core.tokens import SigningKey, generate_private_key
 from bot.keys import sealed_secret
 from bot.runtime import AUDIT_KEY_NAME
 from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, REVIEWS, Sandbox
@@ -33,6 +34,9 @@ from bot.store.schema import outbox as outbox_table
 
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 TRIGGERS = ("audit_log_no_update", "audit_log_no_delete", "audit_log_next_seq")
+# Checkpoints are signed with the bot's signing key; these tests check the head itself.
+SIGNER = SigningKey("bg-test", "EdDSA", (_private := generate_private_key("EdDSA")),
+                    _private.public_key())
 
 
 @dataclass(frozen=True)
@@ -244,7 +248,7 @@ async def test_cutting_the_tail_passes_verify_but_not_the_published_head(
     db = Database(url(path))
     try:
         key = await sealed_secret(db, flow.master, AUDIT_KEY_NAME)
-        published = await publish_head(db, key, ManualClock(), INCIDENT, force=True)
+        published = await publish_head(db, key, ManualClock(), INCIDENT, SIGNER, force=True)
         assert published is not None and published.seq == flow.rows
         assert await check_head(db, published.seq, published.mac) is None
     finally:
@@ -267,7 +271,7 @@ async def test_a_chain_rewritten_with_the_key_passes_verify_but_not_the_publishe
     db = Database(url(path))
     try:
         key = await sealed_secret(db, flow.master, AUDIT_KEY_NAME)
-        head = await publish_head(db, key, ManualClock(), INCIDENT, force=True)
+        head = await publish_head(db, key, ManualClock(), INCIDENT, SIGNER, force=True)
         assert head is not None
     finally:
         await db.dispose()
@@ -364,11 +368,11 @@ async def test_publish_head_hourly_and_every_n_events(flow: Flow, tmp_path: Path
         kw = {"every_events": 5, "every": timedelta(hours=1), "wake": lambda: woken.append(1)}
 
         # Never published, and more than 5 rows: due by count.
-        first = await publish_head(db, key, clock, INCIDENT, **kw)
+        first = await publish_head(db, key, clock, INCIDENT, SIGNER, **kw)
         assert first is not None and first.seq == flow.rows and woken == [1]
-        assert await publish_head(db, key, clock, INCIDENT, **kw) is None  # nothing new
+        assert await publish_head(db, key, clock, INCIDENT, SIGNER, **kw) is None  # nothing new
         clock.advance(timedelta(hours=2))
-        assert await publish_head(db, key, clock, INCIDENT, **kw) is None  # still nothing new
+        assert await publish_head(db, key, clock, INCIDENT, SIGNER, **kw) is None  # still nothing new
 
         async def log(n: int) -> None:
             async with db.transaction() as conn:
@@ -377,19 +381,19 @@ async def test_publish_head_hourly_and_every_n_events(flow: Flow, tmp_path: Path
                     for i in range(n)])
 
         await log(2)  # the first rows after an idle hour go out at once
-        after_idle = await publish_head(db, key, clock, INCIDENT, **kw)
+        after_idle = await publish_head(db, key, clock, INCIDENT, SIGNER, **kw)
         assert after_idle is not None and after_idle.seq == first.seq + 1 + 2
         await log(2)
-        assert await publish_head(db, key, clock, INCIDENT, **kw) is None  # 2 < 5, < 1 h
+        assert await publish_head(db, key, clock, INCIDENT, SIGNER, **kw) is None  # 2 < 5, < 1 h
         clock.advance(timedelta(minutes=59))
-        assert await publish_head(db, key, clock, INCIDENT, **kw) is None
+        assert await publish_head(db, key, clock, INCIDENT, SIGNER, **kw) is None
         clock.advance(timedelta(minutes=2))
-        hourly = await publish_head(db, key, clock, INCIDENT, **kw)
+        hourly = await publish_head(db, key, clock, INCIDENT, SIGNER, **kw)
         assert hourly is not None and hourly.seq == after_idle.seq + 1 + 2
         await log(4)
-        assert await publish_head(db, key, clock, INCIDENT, **kw) is None
+        assert await publish_head(db, key, clock, INCIDENT, SIGNER, **kw) is None
         await log(1)
-        by_count = await publish_head(db, key, clock, INCIDENT, **kw)
+        by_count = await publish_head(db, key, clock, INCIDENT, SIGNER, **kw)
         assert by_count is not None and by_count.seq == hourly.seq + 1 + 5
 
         assert await published_heads(db) == [(h.seq, h.mac) for h in (first, after_idle, hourly, by_count)]
@@ -398,7 +402,7 @@ async def test_publish_head_hourly_and_every_n_events(flow: Flow, tmp_path: Path
         async with db.read() as conn:
             posts = [json.loads(p)["text"] for (p,) in (await conn.execute(
                 outbox_table.select().with_only_columns(outbox_table.c.payload)
-                .where(outbox_table.c.lane == INCIDENT).order_by(outbox_table.c.id))).all()]
+                .where(outbox_table.c.lane == lane(INCIDENT)).order_by(outbox_table.c.id))).all()]
         checkpoints = [p for p in posts if "Audit checkpoint" in p]
         assert len(checkpoints) == 4
         assert f"sequence {by_count.seq}" in checkpoints[-1] and by_count.mac in checkpoints[-1]
@@ -414,13 +418,13 @@ async def test_publish_head_on_a_young_small_log_waits(tmp_path: Path) -> None:
     try:
         key = secrets.token_bytes(32)
         clock = ManualClock(datetime.now(UTC))
-        assert await publish_head(db, key, clock, INCIDENT) is None  # empty log
+        assert await publish_head(db, key, clock, INCIDENT, SIGNER) is None  # empty log
         async with db.transaction() as conn:
             await audit.append(conn, key, at=clock.now(), actor="breakglass", event="started",
                                details={})
-        assert await publish_head(db, key, clock, INCIDENT) is None  # 1 row, 0 minutes
+        assert await publish_head(db, key, clock, INCIDENT, SIGNER) is None  # 1 row, 0 minutes
         clock.advance(timedelta(hours=1))
-        head = await publish_head(db, key, clock, INCIDENT)
+        head = await publish_head(db, key, clock, INCIDENT, SIGNER)
         assert head is not None and head.seq == 1
     finally:
         await db.dispose()
@@ -432,7 +436,7 @@ async def test_two_processes_publish_one_head(flow: Flow, tmp_path: Path) -> Non
     try:
         key = await sealed_secret(dbs[0], flow.master, AUDIT_KEY_NAME)
         clock = ManualClock(datetime.now(UTC) + timedelta(hours=2))
-        results = await asyncio.gather(*(publish_head(d, key, clock, INCIDENT) for d in dbs))
+        results = await asyncio.gather(*(publish_head(d, key, clock, INCIDENT, SIGNER) for d in dbs))
         assert sum(r is not None for r in results) == 1
         assert len(await published_heads(dbs[0])) == 1
     finally:
@@ -447,7 +451,7 @@ async def test_the_published_head_reaches_the_incident_channel(tmp_path: Path) -
         await box.slack.command(ALICE, "payments-write 30m INC-3 checkpoint me")
         await box.settle()
         rt = box.bot
-        head = await publish_head(rt.db, rt.audit_key, rt.clock, INCIDENT, force=True,
+        head = await publish_head(rt.db, rt.audit_key, rt.clock, INCIDENT, rt.keyring.current, force=True,
                                   wake=rt.dispatcher.wake)
         assert head is not None
         await box.settle()

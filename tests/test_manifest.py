@@ -47,6 +47,8 @@ SCOPES_FOR_METHOD: dict[str, frozenset[str]] = {
     "usergroups.list": frozenset({"usergroups:read"}),
     "users.info": frozenset({"users:read"}),
     "conversations.open": frozenset({"im:write"}),
+    # `audit verify --slack`: the incident channel may be public or private.
+    "conversations.history": frozenset({"channels:history", "groups:history"}),
 }
 # Called by slack_bolt itself, not by our code.
 IMPLICIT_METHODS = frozenset({"auth.test"})
