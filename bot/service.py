@@ -159,7 +159,12 @@ class Service:
         scopes[request_id] = scope_name
 
     def _audit(self, w: _Writes, actor: str, event: str,
-               details: dict[str, Any], request_id: str | None = None) -> None:
+               details: dict[str, Any], request_id: str | None = None, *,
+               drill: bool = False) -> None:
+        """`drill`: the event is about a drill; its details say so (`"drill": true`), so an
+        audit reader or a webhook receiver can leave drills out."""
+        if drill:
+            details = {**details, "drill": True}
         w.events.append(audit.AuditEvent(at=self.clock.now(), actor=actor, event=event,
                                          details=details, request_id=request_id))
 
@@ -365,7 +370,7 @@ class Service:
         await store.add_decision(conn, req.id, user, decision, now)
         req = store.decided(req, user, decision)
         self._audit(w, user, "approved" if decision == "approve" else "denied",
-                    {"scope": req.scope}, req.id)
+                    {"scope": req.scope}, req.id, drill=req.drill)
         if decision == "deny":
             if not await store.transition(conn, req.id, [State.PENDING], State.DENIED,
                                           closed_at=now, closed_by=user):
@@ -395,7 +400,7 @@ class Service:
         self._audit(w, "breakglass", "issued", {
             "scope": req.scope, "approvers": list(req.approvals), "kid": kid, "jti": req.jti,
             "expires_at": req.token_expires_at.isoformat() if req.token_expires_at else None,
-        }, req.id)
+        }, req.id, drill=req.drill)
         self._card(w, req, scope)
         if self.policy.tokens.delivery == "reveal":
             w.rows.append(outbox.post_row(
@@ -455,7 +460,7 @@ class Service:
                     raise Refusal("token_closed", f"The token of {req.id} is no longer "
                                   "issued; make a new request if you still need access.")
                 req = store.moved(req, State.REVEALED, **values)
-                self._audit(w, user, "revealed", {"scope": req.scope}, req.id)
+                self._audit(w, user, "revealed", {"scope": req.scope}, req.id, drill=req.drill)
                 w.rows.append(outbox.update_row(now, dm_key(req.id), dm_lane(req.requester),
                                                 blocks.tag(req, f"Token for {req.scope} "
                                                            f"({req.id}) revealed."),
@@ -502,7 +507,8 @@ class Service:
                 requests_table.update().where(requests_table.c.id == req.id)
                 .values(state=State.REVEALED.value, token_hash=tokens.token_hash(token),
                         revealed_at=now, kid=self.keyring.current.kid))
-            self._audit(w, "breakglass", "delivered", {"scope": req.scope}, req.id)
+            self._audit(w, "breakglass", "delivered", {"scope": req.scope}, req.id,
+                        drill=req.drill)
             if first:  # the DM is the reveal: timed once, whatever retries follow
                 await drills.at_reveal(self, w, req, now)
         if first:
@@ -541,13 +547,15 @@ class Service:
             if await store.transition(w.conn, req.id, [State.PENDING], State.CANCELLED,
                                       closed_at=now, closed_by=actor):
                 req = await _reload(w.conn, req.id)
-                self._audit(w, actor, "cancelled", {"scope": req.scope, "via": via}, req.id)
+                self._audit(w, actor, "cancelled", {"scope": req.scope, "via": via}, req.id,
+                            drill=req.drill)
                 self._card(w, req, scope)
                 self._incident(w, blocks.incident_cancelled(req))
             elif await store.transition(w.conn, req.id, [State.ISSUED, State.REVEALED],
                                         State.REVOKED, closed_at=now, closed_by=actor):
                 req = await _reload(w.conn, req.id)
-                self._audit(w, actor, "revoked", {"scope": req.scope, "via": via}, req.id)
+                self._audit(w, actor, "revoked", {"scope": req.scope, "via": via}, req.id,
+                            drill=req.drill)
                 self._close_token(w, req, scope)
                 self._incident(w, blocks.incident_revoked(req))
             else:
@@ -590,7 +598,8 @@ class Service:
                 return 0  # someone else got there first
             cur = await _reload(w.conn, req.id)  # `req` was read outside this transaction
             self._audit(w, "breakglass", "expired",
-                        {"scope": cur.scope, "was_issued": cur.issued_at is not None}, cur.id)
+                        {"scope": cur.scope, "was_issued": cur.issued_at is not None}, cur.id,
+                        drill=cur.drill)
             if cur.issued_at is not None:
                 self._close_token(w, cur, scope)
             else:
@@ -616,7 +625,8 @@ class Service:
                                               State.REVOKED, closed_at=now, closed_by="policy"):
                     continue
                 cur = await _reload(w.conn, req.id)
-                self._audit(w, "policy", "revoked", {"scope": cur.scope, "why": why}, cur.id)
+                self._audit(w, "policy", "revoked", {"scope": cur.scope, "why": why}, cur.id,
+                            drill=cur.drill)
                 self._close_token(w, cur, self.policy.scope_named(cur.scope))
                 self._incident(w, blocks.incident_revoked(cur) + f" ({why})")
             revoked += 1

@@ -26,7 +26,9 @@ WEBHOOK_EVENTS: dict[str, str] = {
     "review_overdue": "a grant's review is overdue",
     "reviewed": "a grant's post-incident review was signed off",
     "checkpoint": "an audit checkpoint (head seq and MAC); sent to every webhook",
-    "drill": "a drill was run",
+    "drill": "a drill's token was revealed: its times (to_card_s, to_quorum_s, to_reveal_s)",
+    "drills_due": "once a day: the scopes not rehearsed within [drills] every",
+    "expiry_warned": "the requester was warned that the token expires soon",
     "started": "a bot process started",
 }
 

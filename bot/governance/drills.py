@@ -90,15 +90,15 @@ async def times_of(conn: AsyncConnection, req: Request) -> Times:
 
 async def at_reveal(service: Service, w: _Writes, req: Request, now: datetime) -> None:
     """Called in the transaction that reveals (or delivers) a token: a drill's times go
-    to the incident channel and into the audit log."""
+    to the incident channel and into the audit log (event `drill`)."""
     if not req.drill or req.issued_at is None:
         return
     command_at = req.command_at or req.created_at
     card_at = await card_posted_at(w.conn, req)
     w.rows.append(outbox.post_row(now, service.incident_channel, blocks.incident_drill_times(
         req, command_at, card_at, req.issued_at, now)))
-    w.events.append(AuditEvent(at=now, actor="breakglass", event="drill_timed", details={
-        "scope": req.scope,
+    w.events.append(AuditEvent(at=now, actor="breakglass", event="drill", details={
+        "scope": req.scope, "drill": True,
         "to_card_s": round((card_at - command_at).total_seconds(), 3),
         "to_quorum_s": round((req.issued_at - command_at).total_seconds(), 3),
         "to_reveal_s": round((now - command_at).total_seconds(), 3)}, request_id=req.id))

@@ -89,7 +89,8 @@ async def _escalate_one(service: Service, request_id: str, scope_name: str,
         text = blocks.reminder(req, tally, mentions(policy, scope.approvers, req.requester),
                                fallback_label)
         w.events.append(AuditEvent(at=now, actor="breakglass", event="escalated", details={
-            "scope": req.scope, "missing": tally.missing, "fallback_approvers": asked},
+            "scope": req.scope, "missing": tally.missing, "fallback_approvers": asked,
+            **({"drill": True} if req.drill else {})},
             request_id=req.id))
         w.rows.append(outbox.post_row(now, service.reviewer_channel, text,
                                       thread_key=card_key(req.id)))

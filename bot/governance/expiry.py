@@ -66,6 +66,7 @@ async def _warn_one(service: Service, req: Request, now: datetime) -> int:
             dm = blocks.dm_reveal(cur) if cur.state is State.ISSUED else blocks.dm_revealed(cur)
             w.rows.append(outbox.update_row(now, dm_key(cur.id), lane, text, dm))
         w.events.append(AuditEvent(at=now, actor="breakglass", event="expiry_warned", details={
-            "scope": cur.scope, "expires_at": cur.token_expires_at.isoformat()},
+            "scope": cur.scope, "expires_at": cur.token_expires_at.isoformat(),
+            **({"drill": True} if cur.drill else {})},
             request_id=cur.id))
     return 1
