@@ -1,4 +1,6 @@
-"""`breakglass` (and `python -m bot`): serve, demo, check-policy, keys, audit, outbox, drills."""
+"""`breakglass` (and `python -m bot`): serve, demo, check-policy, keys, audit, outbox, drills.
+
+Every subcommand's --help says what it does and which environment variables it reads."""
 
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import preflight
 from .config import ConfigError, Settings
 from .core.kdf import MasterKeyError, check_master_key, new_master_key
 from .core.policy import Policy, PolicyError, load_policy
@@ -26,13 +32,15 @@ log = logging.getLogger("bot")
 
 
 class Exit(Exception):
+    """Stop with `code`; each line of `message` is printed as one `breakglass: …` line."""
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str | int = "INFO") -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # These libraries dump request bodies at DEBUG, and a body can hold token text.
@@ -50,11 +58,21 @@ def _policy_or_exit(path: str) -> tuple[Policy, str]:
     return policy, Path(path).read_text(encoding="utf-8")
 
 
-def _settings_or_exit() -> Settings:
+def _policy_problem(path: str) -> str | None:
     try:
-        return Settings.from_env()
-    except ConfigError as exc:
-        raise Exit(2, str(exc)) from None
+        _policy_or_exit(path)
+    except Exit as exc:
+        return exc.message
+    except OSError as exc:
+        return f"BREAKGLASS_POLICY: cannot read {path} ({exc.strerror})"
+    return None
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if args.log_level is not None:
+        return preflight.log_level(args.log_level, "--log-level")
+    return preflight.log_level(os.environ.get("BREAKGLASS_LOG_LEVEL") or "INFO",
+                               "BREAKGLASS_LOG_LEVEL")
 
 
 def cmd_check_policy(args: argparse.Namespace) -> int:
@@ -72,9 +90,29 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit()
-    policy, text = _policy_or_exit(settings.policy_path)
-    setup_logging(args.log_level)
+    """Every problem with the environment, the database path and the policy at once,
+    each on its own line, before anything starts."""
+    problems: list[str] = []
+    settings: Settings | None = None
+    level = logging.INFO
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        level = _log_level(args)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if settings is not None and (bad_db := preflight.database_to_create(settings.database_url)):
+        problems.append(bad_db)
+    policy_path = settings.policy_path if settings else (
+        os.environ.get("BREAKGLASS_POLICY", "").strip() or "./breakglass.toml")
+    if (bad_policy := _policy_problem(policy_path)) is not None:
+        problems.append(bad_policy)
+    if problems or settings is None:
+        raise Exit(2, "\n".join(problems))
+    policy, text = _policy_or_exit(policy_path)
+    setup_logging(level)
     return asyncio.run(_serve(settings, policy, text))
 
 
@@ -92,8 +130,16 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     try:
         await rt.start()
     except (WrongMasterKey, WebhookConfigError) as exc:
+        await _close_db(rt)
         raise Exit(2, str(exc)) from None
-    port = await rt.serve_http()
+    except (OSError, SQLAlchemyError) as exc:
+        await _close_db(rt)
+        raise Exit(2, preflight.open_failed(settings.database_url, exc)) from None
+    try:
+        port = await rt.serve_http()
+    except OSError as exc:
+        await rt.stop(drain_seconds=1.0)
+        raise Exit(2, preflight.bind_failed(exc, settings.host, settings.port)) from None
     if settings.socket_mode:
         try:
             await rt.start_socket_mode()
@@ -109,6 +155,33 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     return 0
 
 
+async def _close_db(rt: Any) -> None:
+    db = getattr(rt, "db", None)
+    if db is not None:
+        with contextlib.suppress(Exception):
+            await db.dispose()
+
+
+async def _existing_db(url: str) -> Any:
+    """The database at `url`, opened only when it is there and holds breakglass's tables:
+    a command that reads a database never creates one (contract §6)."""
+    from .store.db import Database
+
+    problem = preflight.existing_database(url)
+    if problem is not None:
+        raise Exit(2, problem)
+    db = Database(url)
+    try:
+        present = await preflight.has_schema(db)
+    except (OSError, SQLAlchemyError) as exc:
+        await db.dispose()
+        raise Exit(2, preflight.open_failed(url, exc)) from None
+    if not present:
+        await db.dispose()
+        raise Exit(2, preflight.missing_schema(url))
+    return db
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -117,14 +190,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _db_and_master() -> tuple[str, str]:
-    from .store.db import DEFAULT_URL
-
     master = os.environ.get("BREAKGLASS_MASTER_KEY", "")
     try:
         check_master_key(master)
     except MasterKeyError as exc:
         raise Exit(2, str(exc)) from None
-    return os.environ.get("BREAKGLASS_DATABASE_URL") or DEFAULT_URL, master
+    return _db_url(), master
+
+
+def _db_url() -> str:
+    from .store.db import DEFAULT_URL
+
+    return os.environ.get("BREAKGLASS_DATABASE_URL", "").strip() or DEFAULT_URL
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -139,7 +216,23 @@ async def _keys(args: argparse.Namespace) -> int:
     from .store.db import Database
 
     url, master = _db_and_master()
-    db = Database(url)
+    old = ""
+    if args.keys_cmd == "rotate-master":
+        old = os.environ.get("BREAKGLASS_OLD_MASTER_KEY", "")
+        if not old:
+            raise Exit(2, "BREAKGLASS_OLD_MASTER_KEY is not set: set it to the current master "
+                       "key and BREAKGLASS_MASTER_KEY to the new one")
+        try:
+            check_master_key(old)
+        except MasterKeyError as exc:
+            message = str(exc).replace("BREAKGLASS_MASTER_KEY", "BREAKGLASS_OLD_MASTER_KEY")
+            raise Exit(2, message) from None
+    if args.keys_cmd == "rotate":
+        if (problem := preflight.database_to_create(url)) is not None:
+            raise Exit(2, problem)
+        db = Database(url)
+    else:
+        db = await _existing_db(url)  # re-encrypting the keys of no database is a mistake
     try:
         await db.create_schema()
         now = datetime.now(UTC)
@@ -150,15 +243,6 @@ async def _keys(args: argparse.Namespace) -> int:
             print(f"new signing key {kid} is current; older keys stay in JWKS until their "
                   "tokens expire")
         else:
-            old = os.environ.get("BREAKGLASS_OLD_MASTER_KEY", "")
-            if not old:
-                raise Exit(2, "BREAKGLASS_OLD_MASTER_KEY is not set: set it to the current master "
-                           "key and BREAKGLASS_MASTER_KEY to the new one")
-            try:
-                check_master_key(old)
-            except MasterKeyError as exc:
-                message = str(exc).replace("BREAKGLASS_MASTER_KEY", "BREAKGLASS_OLD_MASTER_KEY")
-                raise Exit(2, message) from None
             n = await KeyRing.rotate_master(db, old, master)
             print(f"re-encrypted {n} signing key(s) under the new master key")
     except WrongMasterKey as exc:
@@ -174,12 +258,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 async def _audit(args: argparse.Namespace) -> int:
     from . import audit
-    from .store.db import Database
 
     url, master = _db_and_master()
-    db = Database(url)
+    since = _parse_since(args.since) if getattr(args, "since", None) else None
+    db = await _existing_db(url)
     try:
-        await db.create_schema()
         from .keys import AUDIT_KEY_NAME, WrongMasterKey, sealed_secret
 
         try:
@@ -194,7 +277,6 @@ async def _audit(args: argparse.Namespace) -> int:
             if target is None:
                 return 0 if broken is None else 1
             return await _verify_slack(db, master, target, broken, args)
-        since = _parse_since(args.since) if args.since else None
         async for row in audit.export(db, since):
             sys.stdout.write(json.dumps(row, separators=(",", ":"), sort_keys=True) + "\n")
         return 0
@@ -253,11 +335,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 async def _outbox(args: argparse.Namespace) -> int:
     from .outbox import retry_dead
-    from .store.db import DEFAULT_URL, Database
 
-    db = Database(os.environ.get("BREAKGLASS_DATABASE_URL") or DEFAULT_URL)
+    db = await _existing_db(_db_url())
     try:
-        await db.create_schema()
         n = await retry_dead(db, datetime.now(UTC))
         print(f"{n} dead-lettered event(s) (Slack messages and webhooks) queued again; "
               "a running bot delivers them")
@@ -272,13 +352,11 @@ def cmd_drills(args: argparse.Namespace) -> int:
 
 async def _drills(args: argparse.Namespace) -> int:
     from .governance import drills
-    from .store.db import DEFAULT_URL, Database
 
     policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
-    db = Database(os.environ.get("BREAKGLASS_DATABASE_URL") or DEFAULT_URL)
+    db = await _existing_db(_db_url())
     now = datetime.now(UTC)
     try:
-        await db.create_schema()
         async with db.read() as conn:
             past = await drills.history(conn, args.limit)
             due = await drills.overdue(conn, policy, now)
@@ -300,27 +378,105 @@ def _period(policy: Policy) -> str | None:
     return format_period(policy.drills.every) if policy.drills.every else None
 
 
+# What each command reads from the environment: shown in its --help (tests/test_cli_help.py).
+ENV_HELP = {
+    "SLACK_BOT_TOKEN": "bot token (xoxb-…); required",
+    "SLACK_SIGNING_SECRET": "request signing secret; required in HTTP mode",
+    "SLACK_APP_TOKEN": "app-level token (xapp-…); set: Socket Mode",
+    "SLACK_API_URL": "Slack Web API base URL (default https://slack.com/api/)",
+    "BREAKGLASS_POLICY": "policy file (default ./breakglass.toml)",
+    "BREAKGLASS_DATABASE_URL": "database (default sqlite+aiosqlite:///./breakglass.db)",
+    "BREAKGLASS_MASTER_KEY": "master key (from `breakglass keys new-master`); required",
+    "BREAKGLASS_OLD_MASTER_KEY": "the master key being replaced; required",
+    "BREAKGLASS_HOST": "listen address (default 0.0.0.0)",
+    "BREAKGLASS_PORT": "listen port (default 3000)",
+    "BREAKGLASS_LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL, any case (default INFO)",
+}
+SERVE_ENV = ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "SLACK_API_URL",
+             "BREAKGLASS_POLICY", "BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY",
+             "BREAKGLASS_HOST", "BREAKGLASS_PORT", "BREAKGLASS_LOG_LEVEL")
+
+
+def _command(sub: Any, name: str, summary: str, description: str,
+             env: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does and which variables it reads."""
+    if env:
+        width = max(len(v) for v in env)
+        epilog = "environment:\n" + "\n".join(f"  {v:<{width}}  {ENV_HELP[v]}" for v in env)
+        if name == "serve":
+            epilog += ("\n  and the variables the policy's [[webhooks]] name in secret_env and "
+                       "routing_key_env")
+    else:
+        epilog = "environment: reads no environment variables"
+    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 78),
+                          epilog=epilog,  # type: ignore[no-any-return]
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("breakglass")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="breakglass", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="run the bot (HTTP mode, or Socket Mode with SLACK_APP_TOKEN)")
-    s.add_argument("--log-level", default=os.environ.get("BREAKGLASS_LOG_LEVEL", "INFO"))
+    p = argparse.ArgumentParser(
+        prog="breakglass", description="Emergency (break-glass) access from Slack: short-lived, "
+        "quorum-approved tokens. `breakglass COMMAND --help` says what each command does "
+        "and which environment variables it reads.")
+    p.add_argument("--version", action="version", version=f"breakglass {_version()}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    s = _command(sub, "serve", "run the bot (HTTP mode, or Socket Mode with SLACK_APP_TOKEN)",
+                 "Run the bot: Slack commands and clicks on POST /slack/events (or over Socket "
+                 "Mode when SLACK_APP_TOKEN is set), token endpoints for relying services, "
+                 "/healthz. Checks the environment, the database path, the policy, the bot "
+                 "token (auth.test) and the bot's channels first; a problem is exit 2 and one "
+                 "line per problem.", SERVE_ENV)
+    s.add_argument("--log-level", default=None, metavar="LEVEL",
+                   help="DEBUG, INFO, WARNING, ERROR or CRITICAL, any case "
+                   "(default: BREAKGLASS_LOG_LEVEL, else INFO)")
     s.set_defaults(func=cmd_serve)
-    d = sub.add_parser("demo", help="run the whole flow against a built-in Slack emulator")
+    d = _command(sub, "demo", "run the whole flow against a built-in Slack emulator",
+                 "Run a request from command to expiry on this machine: a local Slack Web API "
+                 "emulator, a temporary SQLite database, the real HTTP paths; prints what each "
+                 "person would see. Needs no Slack workspace.")
     d.add_argument("--verbose", action="store_true", help="also show every Slack API call")
     d.set_defaults(func=cmd_demo)
-    c = sub.add_parser("check-policy", help="validate a policy file without starting anything")
-    c.add_argument("file", nargs="?")
+    c = _command(sub, "check-policy", "validate a policy file without starting anything",
+                 "Validate a policy file: exit 0 with a summary (and warnings, such as a channel "
+                 "written as a name or example values left in place), or exit 2 listing every "
+                 "problem with its key path.", ("BREAKGLASS_POLICY",))
+    c.add_argument("file", nargs="?", help="the policy file (default: BREAKGLASS_POLICY, "
+                   "else ./breakglass.toml)")
     c.set_defaults(func=cmd_check_policy)
-    k = sub.add_parser("keys", help="signing and master keys")
-    ks = k.add_subparsers(dest="keys_cmd", required=True)
-    ks.add_parser("new-master", help="print a fresh random master key")
-    ks.add_parser("rotate", help="make a new signing key current")
-    ks.add_parser("rotate-master", help="re-encrypt signing keys under a new master key")
+    k = _command(sub, "keys", "signing and master keys",
+                 "Manage the master key and the token signing keys. "
+                 "`breakglass keys SUBCOMMAND --help` for each.")
+    ks = k.add_subparsers(dest="keys_cmd", required=True, metavar="SUBCOMMAND")
+    _command(ks, "new-master", "print a fresh random master key",
+             "Print a fresh random master key for BREAKGLASS_MASTER_KEY. Touches no database.")
+    _command(ks, "rotate", "make a new signing key current",
+             "Make a new signing key current; older keys stay in JWKS until their tokens "
+             "expire. Creates the database when there is none (its first key is made then).",
+             ("BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY", "BREAKGLASS_POLICY"))
+    _command(ks, "rotate-master", "re-encrypt signing keys under a new master key",
+             "Re-encrypt the signing keys and the audit key under a new master key: "
+             "BREAKGLASS_OLD_MASTER_KEY opens them, BREAKGLASS_MASTER_KEY seals them again. "
+             "All or nothing. The database must exist.",
+             ("BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY", "BREAKGLASS_OLD_MASTER_KEY"))
     k.set_defaults(func=cmd_keys)
-    a = sub.add_parser("audit", help="the tamper-evident audit log")
-    asub = a.add_subparsers(dest="audit_cmd", required=True)
-    v = asub.add_parser("verify", help="check the MAC chain; exit 1 naming the first bad row")
+    a = _command(sub, "audit", "the tamper-evident audit log",
+                 "Check or export the audit log. `breakglass audit SUBCOMMAND --help` for each.")
+    asub = a.add_subparsers(dest="audit_cmd", required=True, metavar="SUBCOMMAND")
+    v = _command(asub, "verify", "check the MAC chain; exit 1 naming the first bad row",
+                 "Check the audit log's MAC chain: exit 0 when intact, 1 naming the first bad "
+                 "sequence number, 2 when there is no database at the URL (nothing is created). "
+                 "With --slack, also compare the checkpoints posted in the incident channel.",
+                 ("BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY", "BREAKGLASS_POLICY",
+                  "SLACK_BOT_TOKEN", "SLACK_API_URL"))
     v.add_argument("--slack", action="store_true",
                    help="also compare the checkpoints the bot posted in the incident channel "
                    "(BREAKGLASS_POLICY, SLACK_BOT_TOKEN, SLACK_API_URL); exit 1 naming a "
@@ -330,15 +486,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "ISO-8601 time")
     v.add_argument("--no-alert", action="store_true",
                    help="with --slack: print a failure but post no alert to Slack")
-    e = asub.add_parser("export", help="write rows as JSON Lines")
-    e.add_argument("--since", help="ISO-8601 time")
+    e = _command(asub, "export", "write rows as JSON Lines",
+                 "Write the audit log's rows to standard output as JSON Lines; exit 2 when there "
+                 "is no database at the URL (nothing is created).",
+                 ("BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY"))
+    e.add_argument("--since", help="only rows at or after this ISO-8601 time, "
+                   "like 2026-11-25T12:00:00Z")
     a.set_defaults(func=cmd_audit)
-    o = sub.add_parser("outbox", help="Slack events waiting or dead-lettered")
-    osub = o.add_subparsers(dest="outbox_cmd", required=True)
-    osub.add_parser("retry", help="queue dead-lettered events again")
+    o = _command(sub, "outbox", "Slack events waiting or dead-lettered",
+                 "The outbox of Slack events. `breakglass outbox SUBCOMMAND --help` for each.")
+    osub = o.add_subparsers(dest="outbox_cmd", required=True, metavar="SUBCOMMAND")
+    _command(osub, "retry", "queue dead-lettered events again",
+             "Queue every dead-lettered Slack event again; a running bot delivers them. Exit 2 "
+             "when there is no database at the URL (nothing is created).",
+             ("BREAKGLASS_DATABASE_URL",))
     o.set_defaults(func=cmd_outbox)
-    dr = sub.add_parser("drills", help="past drills, and the scopes not rehearsed within "
-                        "[drills] every")
+    dr = _command(sub, "drills", "past drills, and the scopes not rehearsed within "
+                  "[drills] every", "List past drills (newest first) and the scopes not "
+                  "rehearsed within the policy's [drills] every. Reads the bot's database; exit 2 "
+                  "when there is none (nothing is created).",
+                  ("BREAKGLASS_POLICY", "BREAKGLASS_DATABASE_URL"))
     dr.add_argument("--json", action="store_true", help="print JSON instead of text")
     dr.add_argument("--limit", type=int, default=50, help="most recent drills shown (50)")
     dr.set_defaults(func=cmd_drills)
@@ -350,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except Exit as exc:
-        print(f"breakglass: {exc.message}", file=sys.stderr)
+        for line in exc.message.splitlines() or [""]:
+            print(f"breakglass: {line}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130
