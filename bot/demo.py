@@ -191,6 +191,17 @@ async def run_demo(verbose: bool = False, out: Callable[[str], None] = print) ->
         await box.settle()
         channels()
 
+        t.heading("a quarterly drill: alice rehearses payments-write, the approvers approve "
+                  "as for real")
+        await command(ALICE, "drill payments-write INC-9001 quarterly drill")
+        drill = box.latest_request_id()
+        await click(BOB, "bg_approve", drill, REVIEWS, "Approve")
+        await click(CAROL, "bg_approve", drill, REVIEWS, "Approve")
+        await click(ALICE, "bg_reveal", drill, dm_channel, "Reveal token")
+        channels()
+        answer = await _introspect(box, _token_in(emu.views[-1].view))
+        t.say("payments-api gets", f"active={answer.get('active')} (a drill token opens nothing)")
+
         t.heading("the audit log")
         result = await audit.verify(box.bot.db, box.bot.audit_key)
         events: dict[str, int] = {}

@@ -38,9 +38,7 @@ async def warn(service: Service, now: datetime) -> int:
     async with service.db.read() as conn:
         ending = await store.load_many(conn, store.needs_warning(now, before))
     sent = 0
-    for req in ending:
-        if req.ttl <= before:
-            continue  # it never lived longer than the warning: its DM says when it ends
+    for req in ending:  # (a token that lives no longer than the warning is not among them)
         try:
             sent += await _warn_one(service, req, now)
         except Exception:  # noqa: BLE001 - one bad row must not stop the others

@@ -232,10 +232,13 @@ def needs_escalation(before: datetime) -> Any:
 
 
 def needs_warning(now: datetime, warn_before: timedelta) -> Any:
-    """Live tokens that end within `warn_before` and were not warned about yet."""
+    """Live tokens that end within `warn_before` and were not warned about yet. A token
+    that lives no longer than `warn_before` is never warned about (its DM already says
+    when it ends), so it is left out here rather than read again at every sweep."""
     return and_(
         requests.c.state.in_([State.ISSUED.value, State.REVEALED.value]),
         requests.c.warned_at.is_(None),
+        requests.c.ttl_s > int(warn_before.total_seconds()),
         requests.c.token_expires_at > now,
         requests.c.token_expires_at <= now + warn_before,
     )
