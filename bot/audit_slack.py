@@ -22,9 +22,9 @@ rewritten. Either, or a bad signature, is a failure naming the checkpoint's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -35,6 +35,7 @@ from sqlalchemy import select
 
 from . import audit
 from .core import checkpoint
+from .core.policy import Webhook
 from .core.tokens import VerificationKey
 from .store.db import Database
 from .store.schema import audit_log
@@ -227,20 +228,26 @@ async def post_alert(client: AsyncWebClient, channel: str, lines: Sequence[str])
 
 @dataclass(frozen=True)
 class Target:
-    """Where the checkpoints are: SLACK_BOT_TOKEN, SLACK_API_URL, the incident channel."""
+    """Where the checkpoints are (SLACK_BOT_TOKEN, SLACK_API_URL, the incident channel),
+    and where else an alert goes (the policy's webhooks, their secrets in `env`)."""
 
     token: str
     api_url: str
     channel: str
+    webhooks: tuple[Webhook, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
-async def check(db: Database, master_key: str, target: Target, *, chain_problem: str | None,
-                oldest: datetime | None = None, alert: bool = True) -> tuple[list[str], list[str]]:
+async def check(db: Database, master_key: str, audit_key: bytes, target: Target, *,
+                chain_problem: str | None, oldest: datetime | None = None,
+                alert: bool = True, now: datetime | None = None) -> tuple[list[str], list[str]]:
     """Read the checkpoints back and compare; return (lines to print, problems).
 
-    Any problem, or a broken chain (`chain_problem`), is also posted to the incident
-    channel as an alert unless `alert` is False. Raises SlackUnusable when Slack
-    cannot be asked, keys.WrongMasterKey when the master key does not open the keys."""
+    Any problem, or a broken chain (`chain_problem`), raises the alert unless `alert`
+    is False: posted to the incident channel from here, and audited (`alert`, kind
+    `checkpoint_mismatch`), which queues the webhook event `alert` for the running
+    bot to deliver. Raises SlackUnusable when Slack cannot be asked,
+    keys.WrongMasterKey when the master key does not open the keys."""
     from .keys import verification_keys
 
     keys = await verification_keys(db, master_key)
@@ -257,7 +264,42 @@ async def check(db: Database, master_key: str, target: Target, *, chain_problem:
             not_posted = await post_alert(client, target.channel, failed)
             lines.append(f"alert not posted to {target.channel}: {not_posted}" if not_posted
                          else f"alert posted to the incident channel {target.channel}")
+            lines.append(await record_alert(db, audit_key, target, failed,
+                                            report.first_bad_seq, now or datetime.now(UTC)))
     return lines, problems
+
+
+async def record_alert(db: Database, audit_key: bytes, target: Target, failed: Sequence[str],
+                       first_bad_seq: int | None, now: datetime) -> str:
+    """The alert as an audit row `alert`; with the policy's webhooks attached, the same
+    transaction queues the webhook event `alert` (a running bot sends it). Returns a
+    line saying what happened."""
+    from .core.alerts import CHECKPOINT_MISMATCH
+    from .delivery.webhooks import WebhookConfigError, Webhooks
+
+    hooks = None
+    if target.webhooks:
+        try:
+            hooks = Webhooks(target.webhooks, target.env)
+        except WebhookConfigError as exc:
+            note = f"; webhooks not told: {exc}"
+        else:
+            hooks.attach(db)
+            note = f"; the webhook event alert is queued for {len(target.webhooks)} webhook(s)"
+    else:
+        note = ""
+    details = {"kind": CHECKPOINT_MISMATCH, "channel": target.channel,
+               "first_bad_seq": first_bad_seq, "problems": list(failed[:20])}
+    try:
+        async with db.transaction() as conn:
+            seq = await audit.append(conn, audit_key, at=now, actor="breakglass", event="alert",
+                                     details=details)
+    except Exception as exc:  # noqa: BLE001 - a damaged database must not hide the finding
+        return f"alert not recorded in the audit log ({type(exc).__name__}){note}"
+    finally:
+        if hooks is not None:
+            audit.listen(db.engine, None)
+    return f"alert recorded in the audit log as sequence {seq}{note}"
 
 
 def summary(report: Report) -> str:
@@ -271,8 +313,10 @@ def summary(report: Report) -> str:
     kinds = f"{report.signed} signed" + (f", {report.unsigned} unsigned (older form)"
                                          if report.unsigned else "")
     verdict = "match the database" if report.ok else "checked"
+    since = (f"{after} row(s) logged since" if after >= 0
+             else f"but the log ends {-after} row(s) before it")
     return (f"{report.checked} audit checkpoint(s) {where} {verdict} ({kinds}); the latest is "
-            f"sequence {latest.seq}{at}, {after} row(s) logged since")
+            f"sequence {latest.seq}{at}, {since}")
 
 
 __all__ = ["ALERT_PREFIX", "PAGE", "Posted", "Report", "SlackUnusable", "Target", "alert_text",

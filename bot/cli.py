@@ -276,7 +276,7 @@ async def _audit(args: argparse.Namespace) -> int:
             print(f"audit log intact: {result.rows} row(s)" if broken is None else f"audit log {broken}")
             if target is None:
                 return 0 if broken is None else 1
-            return await _verify_slack(db, master, target, broken, args)
+            return await _verify_slack(db, master, key, target, broken, args)
         async for row in audit.export(db, since):
             sys.stdout.write(json.dumps(row, separators=(",", ":"), sort_keys=True) + "\n")
         return 0
@@ -298,17 +298,17 @@ def _slack_target() -> audit_slack.Target:
         raise Exit(2, "SLACK_BOT_TOKEN must be a bot token starting with xoxb-")
     api_url = os.environ.get("SLACK_API_URL", "").strip() or DEFAULT_API_URL
     return audit_slack.Target(token, api_url if api_url.endswith("/") else api_url + "/",
-                              policy.slack.incident_channel)
+                              policy.slack.incident_channel, tuple(policy.webhooks), os.environ)
 
 
-async def _verify_slack(db: Any, master: str, target: audit_slack.Target, broken: str | None,
-                        args: argparse.Namespace) -> int:
+async def _verify_slack(db: Any, master: str, key: bytes, target: audit_slack.Target,
+                        broken: str | None, args: argparse.Namespace) -> int:
     from . import audit_slack
     from .keys import WrongMasterKey
 
     since = _parse_since(args.since) if args.since else None
     try:
-        lines, problems = await audit_slack.check(db, master, target, chain_problem=broken,
+        lines, problems = await audit_slack.check(db, master, key, target, chain_problem=broken,
                                                   oldest=since, alert=not args.no_alert)
     except audit_slack.SlackUnusable as exc:
         raise Exit(2, f"audit verify --slack: {exc}") from None

@@ -304,6 +304,41 @@ async def test_a_reviewed_event_is_a_token_event_too(tmp_path: Path) -> None:
         await db.dispose()
 
 
+async def test_a_checkpoint_reaches_every_webhook_whatever_it_lists(tmp_path: Path) -> None:
+    """Delivered by the outbox to a real receiver on loopback that checks the webhook
+    signature itself; the checkpoint inside checks with the JWKS key."""
+    from webhook_receiver import Receiver
+
+    receiver = await Receiver(secret=os.urandom(16).hex().encode()).start()
+    hook = (f'\n[[webhooks]]\nurl = "{receiver.url}"\nsecret_env = "CHECKPOINT_HOOK_SECRET"\n'
+            'events = ["requested"]\n')
+    assert receiver.secret is not None
+    sandbox = Sandbox(directory=tmp_path, clock=ManualClock(datetime.now(UTC)), sweep_interval=0.05,
+                      extra_policy=hook, env={"CHECKPOINT_HOOK_SECRET": receiver.secret.decode()})
+    await sandbox.start()
+    try:
+        await flow_to_issued(sandbox)
+        clock(sandbox).advance(STEP)
+        [message] = await wait_checkpoints(sandbox, 1)
+        await sandbox.emulator.wait_for(lambda: "checkpoint" in receiver.events(), 10)
+        assert receiver.events() == ["requested", "checkpoint"]  # listed, and always sent
+        assert all(receiver.signature_ok(r) for r in receiver.received)
+        body = receiver.delivered()[-1]
+        found = parsed(message)
+        details = body["details"]
+        assert (details["seq"], details["mac"]) == (found.seq, found.mac)
+        assert body["seq"] == found.seq + 1  # the checkpoint's own audit row
+        keys = {k["kid"]: k for k in (await jwks(sandbox))["keys"]}
+        jwk = keys[details["kid"]]
+        compact = checkpoint.attach(details["jws"], details["payload"].encode())
+        signed = jwt.api_jws.decode(compact, jwt.PyJWK(jwk).key, algorithms=[jwk["alg"]])
+        assert json.loads(signed) == {"seq": found.seq, "mac": found.mac,
+                                      "at": found.checkpoint.at_text}  # type: ignore[union-attr]
+    finally:
+        await sandbox.stop()
+        await receiver.stop()
+
+
 # --------------------------------------------------------------------------- the signature
 
 
@@ -420,6 +455,42 @@ async def test_verify_slack_catches_a_cut_of_the_tail_and_alerts(box: Sandbox) -
     assert "alert posted to the incident channel" in run.out
     quiet = await verify_slack(box, "--no-alert")
     assert quiet.code == 1 and len(alerts(box)) == 1
+
+
+async def test_a_failed_comparison_alerts_slack_and_every_webhook_listing_alert(
+        tmp_path: Path) -> None:
+    """From cron, with no bot running: the Slack alert is posted by the command itself;
+    the webhook event `alert` is queued with the audit row and leaves with the bot."""
+    from webhook_receiver import Receiver
+
+    receiver = await Receiver(secret=os.urandom(16).hex().encode()).start()
+    assert receiver.secret is not None
+    secret = {"CHECKPOINT_ALERT_SECRET": receiver.secret.decode()}
+    hook = (f'\n[[webhooks]]\nurl = "{receiver.url}"\nsecret_env = "CHECKPOINT_ALERT_SECRET"\n'
+            'events = ["alert"]\n')
+    sandbox = Sandbox(directory=tmp_path, clock=ManualClock(datetime.now(UTC)), sweep_interval=0.05,
+                      extra_policy=hook, env=secret)
+    await sandbox.start()
+    try:
+        found = await published_flow(sandbox)
+        async with attacker(sandbox) as conn:
+            await conn.execute(text(f"DELETE FROM audit_log WHERE seq >= {found.seq}"))
+        run = await verify_slack(sandbox, **secret)
+        assert run.code == 1, run.out + run.err
+        [alert] = alerts(sandbox)
+        assert f"sequence {found.seq}" in alert.text
+        assert "the webhook event alert is queued for 1 webhook(s)" in run.out
+        await sandbox.start_bot()
+        await sandbox.emulator.wait_for(lambda: "alert" in receiver.events(), 10)
+        body = next(b for b in receiver.delivered() if b["event"] == "alert")
+        assert body["details"]["kind"] == "checkpoint_mismatch"
+        assert body["details"]["first_bad_seq"] == found.seq
+        assert any(f"sequence {found.seq}" in p for p in body["details"]["problems"])
+        assert all(receiver.signature_ok(r) for r in receiver.received)
+        assert len(alerts(sandbox)) == 1  # the bot does not post the CLI's alert again
+    finally:
+        await sandbox.stop()
+        await receiver.stop()
 
 
 async def test_verify_slack_catches_a_log_rewritten_with_the_key(box: Sandbox) -> None:
