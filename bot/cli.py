@@ -485,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--since", help="with --slack: only checkpoints posted at or after this "
                    "ISO-8601 time")
     v.add_argument("--no-alert", action="store_true",
-                   help="with --slack: print a failure but post no alert to Slack")
+                   help="with --slack: print a failure but raise no alert (no Slack post, no "
+                   "audit row, no webhook event)")
     e = _command(asub, "export", "write rows as JSON Lines",
                  "Write the audit log's rows to standard output as JSON Lines; exit 2 when there "
                  "is no database at the URL (nothing is created).",
