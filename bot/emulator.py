@@ -580,7 +580,8 @@ class SlackEmulator:
     def _auth_test(self, params: JSON) -> JSON:
         return {"url": f"https://{TEAM_DOMAIN}.slack.com/", "team": "Emulated",
                 "user": "breakglass", "team_id": TEAM_ID, "user_id": BOT_USER_ID,
-                "bot_id": BOT_ID, "is_enterprise_install": False}
+                "bot_id": BOT_ID, "app_id": APP_ID, "app_name": "breakglass",
+                "is_enterprise_install": False}
 
     def _post_message(self, params: JSON) -> JSON:
         channel = self._channel(params)

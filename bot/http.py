@@ -22,7 +22,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from . import metrics
 from .core.policy import Client
 from .introspection import INACTIVE_BODY
-from .slack import acks, intake
+from .slack import acks, identity, intake
 from .slack.signature import SignatureError, check_headers, verify_signature
 
 if TYPE_CHECKING:
@@ -111,6 +111,9 @@ async def _answer(rt: Runtime, request: web.Request, started: float
     if "ssl_check" in form and payload is None and "command" not in form:
         return web.Response(status=200)  # Slack checking the certificate: nothing to do
     assert signature is not None and timestamp is not None
+    foreign = _not_ours(rt, form, payload)
+    if foreign is not None:
+        return foreign
     if not rt.replay_guard.first_time_here(signature, int(timestamp)):
         log.warning("replayed Slack request ignored")
         return web.Response(status=200)
@@ -128,6 +131,21 @@ async def _answer(rt: Runtime, request: web.Request, started: float
         return web.Response(body=json.dumps(answer, ensure_ascii=False).encode("utf-8"),
                             content_type="application/json", charset="utf-8")
     return text, request.query_string, headers, signature
+
+
+def _not_ours(rt: Runtime, form: dict[str, list[str]], payload: dict[str, Any] | None
+              ) -> web.Response | None:
+    """The answer to a payload from another workspace or app (slack/identity.py): it is
+    acted on nowhere and counts for nothing. None for the bot's own."""
+    if rt.identity is not None and rt.identity.accepts(identity.sender_of(form, payload)):
+        return None
+    known = rt.identity is not None
+    log.warning("Slack payload refused: %s", "from another workspace or app" if known
+                else "workspace not confirmed yet")
+    if payload is None and "command" in form:
+        text = identity.NOT_OURS if known else identity.NOT_YET
+        return web.json_response({"text": text, "response_type": "ephemeral"})
+    return web.Response(status=200)
 
 
 async def _answer_through_bolt(rt: Runtime, text: str, query: str, headers: dict[str, str],

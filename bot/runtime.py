@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
 from . import audit
@@ -31,7 +33,7 @@ from .introspection import Introspector
 from .keys import AUDIT_KEY_NAME, KeyRing, sealed_secret
 from .outbox import Dispatcher
 from .service import Service
-from .slack import intake
+from .slack import identity, intake
 from .slack.app import PooledRespond, build_app
 from .slack.handlers import Handlers
 from .store.db import Database
@@ -40,6 +42,7 @@ from .triggers import Prober
 
 log = logging.getLogger(__name__)
 LINGER = 1.0  # seconds
+IDENTITY_RETRY = 10.0  # seconds between auth.test attempts while it has not answered
 _WAITED: ContextVar[bool] = ContextVar("waited_for_foreground", default=False)
 
 APP_TOKEN_REFUSED = {"invalid_auth", "not_authed", "not_allowed_token_type", "token_revoked",
@@ -79,6 +82,7 @@ class Runtime:
         self._connecting: asyncio.Task[Any] | None = None
         self.port: int | None = None
         self.foreground = Foreground()
+        self.identity: identity.Identity | None = None
         # Unverified Slack request bodies: how long one may take, and how many bytes of
         # them every request together may hold (slack/intake.py).
         self.slack_body_timeout = intake.BODY_TIMEOUT
@@ -110,7 +114,9 @@ class Runtime:
         self.replay_guard = ReplayGuard(self.db, self.clock)
         self.handlers = Handlers(self.service, self.client, self.spawn)
         self.bolt = build_app(self.handlers, self.client, s.signing_secret, self.http)
+        self.bolt.middleware(self._only_our_workspace)  # Socket Mode's check (HTTP: http.py)
         self.web = build_web_app(self)
+        await self._learn_identity(first=True)
         async with self.db.transaction() as conn:
             await audit.append(conn, self.audit_key, at=now, actor="breakglass", event="started",
                                details={"policy_sha256": self.policy_hash,
@@ -119,6 +125,41 @@ class Runtime:
         await self.service.reconcile_policy()
         self._loops = [asyncio.create_task(self.dispatcher.run(self._stop)),
                        asyncio.create_task(self._sweep_loop())]
+        if self.identity is None:
+            self._loops.append(asyncio.create_task(self._identity_loop()))
+
+    async def _learn_identity(self, *, first: bool = False) -> None:
+        """Which team and app the bot token belongs to (slack/identity.py)."""
+        try:
+            self.identity = await identity.learn(self.client)
+        except Exception as exc:  # noqa: BLE001 - Slack unreachable: retried in the background
+            if first:
+                log.warning("auth.test failed (%s): Slack requests are refused until breakglass "
+                            "knows its own workspace; retrying", type(exc).__name__)
+            return
+        log.info("serving Slack team %s (app %s)", self.identity.team_id,
+                 self.identity.app_id or "not named by auth.test")
+
+    async def _identity_loop(self) -> None:
+        while self.identity is None and not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), IDENTITY_RETRY)
+            if not self._stop.is_set():
+                await self._learn_identity()
+
+    async def _only_our_workspace(self, req: AsyncBoltRequest, resp: BoltResponse,
+                                  next: Callable[[], Awaitable[BoltResponse]]) -> BoltResponse:
+        body = req.body if isinstance(req.body, dict) else {}
+        if self.identity is not None and self.identity.accepts(identity.sender_of_bolt_body(body)):
+            return await next()
+        text = identity.NOT_YET if self.identity is None else identity.NOT_OURS
+        log.warning("Slack payload refused: %s", "workspace not confirmed yet"
+                    if self.identity is None else "from another workspace or app")
+        if "command" in body and "type" not in body:
+            return BoltResponse(status=200, body=json.dumps(
+                {"text": text, "response_type": "ephemeral"}),
+                headers={"content-type": ["application/json;charset=utf-8"]})
+        return BoltResponse(status=200, body="")
 
     async def serve_http(self, host: str | None = None, port: int | None = None) -> int:
         # A request answered before its body was read (a stale stamp, a body too slow) is

@@ -22,7 +22,15 @@ from helpers import timed
 from sqlalchemy import func, select
 
 from bot.core.clock import OffsetClock
-from bot.emulator import Message, SentRequest, command_fields
+from bot.emulator import (
+    APP_ID,
+    TEAM_ID,
+    Message,
+    SentRequest,
+    SlackSender,
+    click_payload,
+    command_fields,
+)
 from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
 from bot.store.replay import MAX_RECENT, ReplayGuard
 from bot.store.schema import audit_log, requests
@@ -398,3 +406,53 @@ async def test_unverified_bodies_in_flight_are_bounded_by_a_budget(box: Sandbox)
     assert resp.status == 200
     for _, writer in conns:
         writer.close()
+
+
+# ---------------------------------------------- 10. payloads from another workspace/app
+
+
+async def test_the_bot_learns_its_team_and_app_from_auth_test(box: Sandbox) -> None:
+    assert box.bot.identity is not None
+    assert (box.bot.identity.team_id, box.bot.identity.app_id) == (TEAM_ID, APP_ID)
+    assert box.emulator.calls_to("auth.test")
+
+
+async def test_an_approval_claiming_another_team_is_not_counted(box: Sandbox) -> None:
+    await command(box, ALICE, "payments-write 30m INC-1 auth down")
+    rid = box.latest_request_id()
+    card = box.card(rid)
+    foreign = SlackSender(box.slack.app_url, box.signing_secret, box.emulator, team_id="T0OTHER")
+    try:
+        for user in (BOB, CAROL):  # a quorum, if they counted
+            resp = await timed(foreign.click(user, "bg_approve", rid, channel_id=card.channel,
+                                             message_ts=card.ts))
+            assert resp.status == 200
+        await box.settle()
+        opened = await timed(foreign.command(ALICE, "payments-write 30m INC-2 auth down"))
+        assert "another Slack workspace" in opened.json["text"]
+        await box.settle()
+    finally:
+        await foreign.close()
+    r = await row(box, rid)
+    assert r.state == "pending" and r.jti is None
+    assert await events(box, rid) == ["requested"]
+    assert await request_count(box) == 1
+    assert box.card(rid).history == []  # the card was never updated
+
+
+async def test_a_payload_from_another_app_is_not_acted_on(box: Sandbox) -> None:
+    await command(box, ALICE, "payments-write 30m INC-1 auth down")
+    rid = box.latest_request_id()
+    card = box.card(rid)
+    payload = click_payload(box.emulator, BOB, "bg_approve", rid, channel_id=card.channel,
+                            message_ts=card.ts)
+    payload["api_app_id"] = "A0OTHERAPP"
+    body = urlencode({"payload": json.dumps(payload)}).encode()
+    assert (await box.slack.raw(body, signed(box, body))).status == 200
+    fields = command_fields(box.emulator, ALICE, "payments-write 30m INC-2 x")
+    fields["api_app_id"] = "A0OTHERAPP"
+    body = urlencode(fields).encode()
+    resp = await box.slack.raw(body, signed(box, body))
+    assert "another Slack workspace or app" in resp.json["text"]
+    await box.settle()
+    assert await events(box, rid) == ["requested"] and await request_count(box) == 1

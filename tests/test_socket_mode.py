@@ -31,7 +31,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core.kdf import new_master_key
-from bot.emulator import SlackEmulator, SlackSender
+from bot.emulator import SlackEmulator, SlackSender, click_payload, command_fields
 from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, PEOPLE, REVIEWS, ProbeTarget, sandbox_policy
 from bot.slack import blocks
 
@@ -323,6 +323,28 @@ async def test_request_modal_over_the_socket(world: World, bot: BotProcess) -> N
     assert not ack.get("payload")  # accepted: the modal closes
     await emu.wait_for(lambda: any(REQUEST_RE.search(m.text) for m in emu.messages(REVIEWS)),
                        timeout=10)
+
+
+async def test_a_foreign_workspace_is_refused_over_the_socket(world: World, bot: BotProcess) -> None:
+    """Issue 13, item 10: the team the bot token belongs to (auth.test) is the only one
+    whose commands and clicks count, over the socket as over HTTP."""
+    emu = world.emulator
+    await emu.socket_command(ALICE, f"payments-write 30m {REASON}")
+    await emu.wait_for(lambda: any(REQUEST_RE.search(m.text) for m in emu.messages(REVIEWS)),
+                       timeout=10)
+    card = next(m for m in emu.messages(REVIEWS) if REQUEST_RE.search(m.text))
+    match = REQUEST_RE.search(card.text)
+    assert match is not None
+    fields = command_fields(emu, ALICE, f"payments-write 30m {REASON}", team_id="T0OTHER")
+    ack = await emu.socket_send("slash_commands", dict(fields))
+    assert "another Slack workspace" in ack["payload"]["text"]
+    for user in (BOB, CAROL):
+        payload = click_payload(emu, user, blocks.APPROVE, match.group(1), channel_id=REVIEWS,
+                                message_ts=card.ts, team_id="T0OTHER")
+        await emu.socket_send("interactive", payload, accepts_response_payload=False)
+    await asyncio.sleep(1.0)
+    assert card.history == [] and not [m for m in emu.messages(INCIDENT) if "*issued*" in m.text]
+    assert sum(bool(REQUEST_RE.search(m.text)) for m in emu.messages(REVIEWS)) == 1
 
 
 async def test_reconnects_when_slack_asks(world: World, bot: BotProcess) -> None:
