@@ -38,7 +38,9 @@ from test_relying_services import basic, introspect, post
 
 from bot import audit
 from bot.core.clock import ManualClock, OffsetClock
+from bot.governance import drills
 from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
+from bot.store import requests as store
 
 ROOT = Path(__file__).resolve().parent.parent
 DRILL_SECRET = "drill-client-secret-for-tests"
@@ -132,6 +134,10 @@ async def test_drill_end_to_end(make_box: MakeBox) -> None:
     assert times[0].startswith("DRILL") and "command → card" in times[0]
     assert "→ quorum 2m" in times[0] and "→ reveal 2m" in times[0]
     assert "drill" in await events(box, rid)
+    async with box.bot.db.read() as conn:  # "card" is when the card reached Slack
+        opened = (await row(box, rid)).created_at
+        posted = await drills.card_posted_at(conn, await store.load(conn, rid))
+    assert posted.replace(tzinfo=None) > opened.replace(tzinfo=None)
     assert histogram_count(await metrics_text(box), "drill") == before + 1
 
     # RFC 7009 revocation still works for a client of the drill audience.
