@@ -4,7 +4,8 @@ Every event is one row of ``audit_log``: ``seq`` (1, 2, 3, ... without gaps),
 ``at``, ``actor``, ``event``, ``request_id``, ``details`` (JSON text) and
 ``mac``. Two independent defences keep it honest:
 
-* The database refuses changes (:func:`trigger_ddl`): UPDATE and DELETE
+* The database refuses changes (triggers made by the migration
+  ``store/migrations/versions/0002_…``): UPDATE and DELETE
   abort, and an INSERT aborts unless its ``seq`` is exactly the current
   maximum + 1. The last rule also defeats SQLite's ``INSERT OR REPLACE``
   (which would otherwise delete a row without firing delete triggers).
@@ -132,7 +133,6 @@ __all__ = [
     "head",
     "listen",
     "mac_key",
-    "trigger_ddl",
     "verify",
 ]
 
@@ -141,70 +141,9 @@ GENESIS_MAC = "0" * 64
 ADVISORY_LOCK_ID = 0x62672D6175646974
 _CHUNK = 10_000
 
-_MAX_LEN = {"actor": 64, "event": 32, "request_id": 16}  # bot.store.schema.audit_log
-
-
 def mac_key(master: str) -> bytes:
     """The audit-log MAC key, derived from BREAKGLASS_MASTER_KEY."""
     return derive_key(master, "audit-log")
-
-
-# --------------------------------------------------------------------------- triggers
-
-_SQLITE_DDL = [
-    """CREATE TRIGGER IF NOT EXISTS audit_log_no_update
-BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
-    """CREATE TRIGGER IF NOT EXISTS audit_log_no_delete
-BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
-    # IS NOT (not <>) so that a NULL seq is refused too.
-    """CREATE TRIGGER IF NOT EXISTS audit_log_next_seq
-BEFORE INSERT ON audit_log
-WHEN NEW.seq IS NOT COALESCE((SELECT MAX(seq) FROM audit_log), 0) + 1
-BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: seq must be the next number'); END""",
-]
-
-# restrict_violation (23001) is an integrity error, as SQLite's RAISE(ABORT) is.
-_PG_DDL = [
-    """CREATE OR REPLACE FUNCTION audit_log_refuse_change() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-BEGIN
-    RAISE EXCEPTION 'audit_log is append-only (% refused)', TG_OP
-        USING ERRCODE = 'restrict_violation';
-END
-$fn$""",
-    """CREATE OR REPLACE FUNCTION audit_log_check_seq() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-DECLARE
-    expected bigint;
-BEGIN
-    SELECT COALESCE(MAX(seq), 0) + 1 INTO expected FROM audit_log;
-    IF NEW.seq IS DISTINCT FROM expected THEN
-        RAISE EXCEPTION 'audit_log is append-only: seq must be %, not %', expected, NEW.seq
-            USING ERRCODE = 'restrict_violation';
-    END IF;
-    RETURN NEW;
-END
-$fn$""",
-    "DROP TRIGGER IF EXISTS audit_log_no_update_delete ON audit_log",
-    """CREATE TRIGGER audit_log_no_update_delete
-BEFORE UPDATE OR DELETE ON audit_log
-FOR EACH ROW EXECUTE FUNCTION audit_log_refuse_change()""",
-    "DROP TRIGGER IF EXISTS audit_log_no_truncate ON audit_log",
-    """CREATE TRIGGER audit_log_no_truncate
-BEFORE TRUNCATE ON audit_log
-FOR EACH STATEMENT EXECUTE FUNCTION audit_log_refuse_change()""",
-    "DROP TRIGGER IF EXISTS audit_log_next_seq ON audit_log",
-    """CREATE TRIGGER audit_log_next_seq
-BEFORE INSERT ON audit_log
-FOR EACH ROW EXECUTE FUNCTION audit_log_check_seq()""",
-]
-
-
-def trigger_ddl(is_sqlite: bool) -> list[str]:
-    """Statements that make audit_log append-only; safe to run again."""
-    return list(_SQLITE_DDL if is_sqlite else _PG_DDL)
 
 
 # --------------------------------------------------------------------------- canonical forms
@@ -402,8 +341,6 @@ def _prepare(ev: AuditEvent) -> _Prepared:
             continue
         if not isinstance(value, str) or not value:
             raise ValueError(f"audit {name} must be a non-empty string")
-        if len(value) > _MAX_LEN[name]:
-            raise ValueError(f"audit {name} is longer than {_MAX_LEN[name]} characters")
         if _TOKEN_RE.search(value):
             raise _refuse_token(name)
     details = ev.details

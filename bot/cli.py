@@ -1,4 +1,4 @@
-"""`breakglass` (and `python -m bot`): serve, demo, check-policy, keys, audit, outbox, drills.
+"""`breakglass` (and `python -m bot`): serve, demo, check-policy, keys, audit, outbox, drills, db.
 
 Every subcommand's --help says what it does and which environment variables it reads."""
 
@@ -46,6 +46,7 @@ def setup_logging(level: str | int = "INFO") -> None:
     # These libraries dump request bodies at DEBUG, and a body can hold token text.
     for noisy in ("slack_sdk", "slack_bolt", "bot.slack.sdk", "bot.slack.bolt", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # a line per migration step at INFO
 
 
 def _policy_or_exit(path: str) -> tuple[Policy, str]:
@@ -422,6 +423,34 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    return asyncio.run(_db(args))
+
+
+async def _db(args: argparse.Namespace) -> int:
+    from .store import migrate
+    from .store.db import DEFAULT_URL, Database
+
+    url = os.environ.get("BREAKGLASS_DATABASE_URL") or DEFAULT_URL
+    db = Database(url)
+    try:
+        if args.db_cmd == "current":
+            found = await migrate.version(db)
+            state = ("current" if found.is_current else "empty: `breakglass serve` or "
+                     "`breakglass db upgrade` creates the schema" if found.is_empty
+                     else "behind: run `breakglass db upgrade`")
+            print(f"schema version {found.current or 'none'}, newest {found.head} ({state})")
+            return 0
+        before, after = await migrate.upgrade(db)
+        if before == after:
+            print(f"schema already at the newest version, {after}")
+        else:
+            print(f"schema upgraded from {before or 'nothing'} to {after}")
+        return 0
+    finally:
+        await db.dispose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="breakglass", description="Emergency (break-glass) access from Slack: short-lived, "
@@ -510,6 +539,19 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true", help="print JSON instead of text")
     dr.add_argument("--limit", type=int, default=50, help="most recent drills shown (50)")
     dr.set_defaults(func=cmd_drills)
+    b = _command(sub, "db", "the database schema (Alembic migrations)",
+                 "The database schema. `breakglass serve` creates a missing schema and refuses "
+                 "an older one; `breakglass db upgrade` brings it forward.")
+    bsub = b.add_subparsers(dest="db_cmd", required=True, metavar="SUBCOMMAND")
+    _command(bsub, "upgrade", "bring the schema to this version's",
+             "Create the schema of an empty database, or bring an older one (including one made "
+             "by breakglass 0.1.0) to this version's. Safe while replicas run: migrations take a "
+             "lock (a PostgreSQL advisory lock, SQLite's write lock). Back up the database "
+             "first; migrations only go forward.", ("BREAKGLASS_DATABASE_URL",))
+    _command(bsub, "current", "print the schema version and whether it is current",
+             "Print the database's schema version and the newest this breakglass knows.",
+             ("BREAKGLASS_DATABASE_URL",))
+    b.set_defaults(func=cmd_db)
     return p
 
 
@@ -521,5 +563,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.message.splitlines() or [""]:
             print(f"breakglass: {line}", file=sys.stderr)
         return exc.code
+    except Exception as exc:
+        from .store.migrate import SchemaError
+
+        if not isinstance(exc, SchemaError):
+            raise
+        print(f"breakglass: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130

@@ -93,7 +93,11 @@ class Runtime:
         # First: a missing webhook secret is a configuration error (WebhookConfigError).
         self.webhooks = Webhooks(self.policy.webhooks, self.env)
         self.db = Database(s.database_url)
-        await self.db.create_schema()
+        try:
+            await self.db.create_schema()
+        except BaseException:
+            await self.db.dispose()
+            raise
         self.webhooks.attach(self.db)  # from here on, every audited event reaches them
         now = self.clock.now()
         self.keyring = await KeyRing.open(self.db, s.master_key, self.policy.tokens.algorithm, now)

@@ -1,5 +1,6 @@
 """A whole breakglass world on loopback: the Slack emulator, a probe target, a
-policy, a SQLite database in a temp dir, and the real bot over real HTTP.
+policy, a database (SQLite in a temp dir unless given a URL), and the real bot
+over real HTTP.
 
 `breakglass demo` runs its story in one; the tests build on it too.
 """
@@ -159,6 +160,7 @@ class Sandbox:
     approver_usergroup: str | None = None  # a Slack user group for sre-leads
     clock: Clock | None = None
     directory: Path | None = None
+    database_url: str | None = None  # default: SQLite, breakglass.db in `directory`
     sweep_interval: float = 0.2
     signing_secret: str = field(default_factory=lambda: secrets.token_hex(16))
     bot_token: str = field(default_factory=lambda: "xoxb-" + secrets.token_hex(12))
@@ -189,7 +191,8 @@ class Sandbox:
                                           scope_extra=self.scope_extra,
                                           approver_usergroup=self.approver_usergroup)
         (self.directory / "breakglass.toml").write_text(self.policy_text)
-        self.database_url = f"sqlite+aiosqlite:///{self.directory / 'breakglass.db'}"
+        if self.database_url is None:
+            self.database_url = f"sqlite+aiosqlite:///{self.directory / 'breakglass.db'}"
         self.settings = Settings(
             bot_token=self.bot_token, signing_secret=self.signing_secret, app_token=None,
             api_url=self.emulator.api_url, policy_path=str(self.directory / "breakglass.toml"),

@@ -25,7 +25,6 @@ from bot import audit
 from bot.audit import AuditEvent, VerifyResult
 from bot.core.kdf import new_master_key
 from bot.store.db import Database
-from bot.store.schema import metadata
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 JWT = (
@@ -37,13 +36,7 @@ JWT = (
 
 async def _make_db(path: Path) -> Database:
     db = Database(f"sqlite+aiosqlite:///{path}")
-    try:
-        await db.create_schema()
-    except ImportError:  # another module of the project not importable yet
-        async with db.transaction() as conn:
-            await conn.run_sync(metadata.create_all)
-            for stmt in audit.trigger_ddl(True):
-                await conn.exec_driver_sql(stmt)
+    await db.create_schema()
     return db
 
 
@@ -419,9 +412,7 @@ async def test_facts_about_secrets_are_fine(db: Database, key: bytes) -> None:
     [
         {"at": datetime(2024, 5, 1, 12, 0)},  # naive
         {"actor": ""},
-        {"actor": "U" * 65},
-        {"event": "e" * 33},
-        {"request_id": "R" * 17},
+        {"request_id": ""},
         {"details": {"x": float("nan")}},
         {"details": {"x": {1, 2}}},
     ],
@@ -586,23 +577,17 @@ def test_any_events_verify_and_any_byte_change_is_caught(
 
 # --------------------------------------------------------------------------- PostgreSQL (opt-in)
 
-PG_URL = os.environ.get("BREAKGLASS_TEST_POSTGRES_URL")  # postgresql+asyncpg://... a scratch database
-pg_only = pytest.mark.skipif(not PG_URL, reason="set BREAKGLASS_TEST_POSTGRES_URL to run")
-
-
 @pytest.fixture
-async def pg() -> AsyncIterator[Database]:
-    assert PG_URL
-    d = Database(PG_URL)
-    async with d.transaction() as conn:
-        await conn.run_sync(metadata.drop_all)
+async def pg(postgres: Any) -> AsyncIterator[Database]:
+    name = postgres.create_empty()
+    d = Database(postgres.url(name))
     await d.create_schema()
     await d.create_schema()  # idempotent
     yield d
     await d.dispose()
+    postgres.drop(name)
 
 
-@pg_only
 async def test_pg_chain_export_and_refusals(pg: Database, key: bytes) -> None:
     async with pg.transaction() as conn:
         assert await audit.append_many(conn, key, [_event(i) for i in range(10)]) == list(range(1, 11))
@@ -637,7 +622,6 @@ async def test_pg_chain_export_and_refusals(pg: Database, key: bytes) -> None:
     assert await audit.verify(pg, key) == VerifyResult(False, 3, 4, "row 4 does not match its MAC (edited?)")
 
 
-@pg_only
 async def test_pg_concurrent_appends_are_gapless(pg: Database, key: bytes) -> None:
     async def worker(w: int) -> list[int]:
         async with pg.transaction() as conn:

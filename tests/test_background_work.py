@@ -15,8 +15,8 @@ REQUEST = "payments-write 30m INC-4521 auth provider down"
 
 
 @pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
-    async with Sandbox(directory=tmp_path, algorithm="ES256") as started:
+async def box(tmp_path: Path, database_url: str) -> AsyncIterator[Sandbox]:
+    async with Sandbox(directory=tmp_path, algorithm="ES256", database_url=database_url) as started:
         yield started
 
 

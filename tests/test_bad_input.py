@@ -28,10 +28,10 @@ MakeBox = Callable[..., Awaitable[Sandbox]]
 
 
 @pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
+async def box(tmp_path: Path, database_url: str) -> AsyncIterator[Sandbox]:
     """The conftest sandbox, with ES256 keys: generated in a millisecond where an RSA key
     takes half a second, and these tests do not look at the signing algorithm."""
-    async with Sandbox(directory=tmp_path, algorithm="ES256") as started:
+    async with Sandbox(directory=tmp_path, algorithm="ES256", database_url=database_url) as started:
         yield started
 
 
@@ -112,13 +112,13 @@ def incident_posts(box: Sandbox, word: str) -> list[str]:
 
 
 @pytest.fixture
-async def make_box(tmp_path: Path) -> AsyncIterator[MakeBox]:
+async def make_box(tmp_path: Path, new_database: Callable[..., str]) -> AsyncIterator[MakeBox]:
     boxes: list[Sandbox] = []
 
     async def make(**options: Any) -> Sandbox:
         directory = tmp_path / f"box{len(boxes)}"
         directory.mkdir()
-        box = Sandbox(directory=directory, **{"algorithm": "ES256", **options})
+        box = Sandbox(directory=directory, database_url=new_database(), **{"algorithm": "ES256", **options})
         await box.start()
         boxes.append(box)
         return box

@@ -63,8 +63,9 @@ class RecordingSender(SlackSender):
 
 
 @pytest.fixture
-async def crowd_box(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
-    box = Sandbox(directory=tmp_path, extra_policy=crowd_policy(request.param))
+async def crowd_box(tmp_path: Path, database_url: str,
+                    request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
+    box = Sandbox(directory=tmp_path, database_url=database_url, extra_policy=crowd_policy(request.param))
     await box.start()
     try:
         yield box
@@ -137,8 +138,9 @@ async def test_fifty_concurrent_approvals_issue_one_token(crowd_box: Sandbox) ->
 # --------------------------------------------------------------------------- replays
 
 
-async def test_slack_retries_and_byte_identical_replays_never_act_twice(tmp_path: Path) -> None:
-    box = Sandbox(directory=tmp_path)
+async def test_slack_retries_and_byte_identical_replays_never_act_twice(tmp_path: Path,
+                                                                      database_url: str) -> None:
+    box = Sandbox(directory=tmp_path, database_url=database_url)
     await box.start()
     try:
         emu = box.emulator

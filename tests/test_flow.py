@@ -36,14 +36,14 @@ MakeBox = Callable[..., Awaitable[Sandbox]]
 
 
 @pytest.fixture
-async def make_box(tmp_path: Path) -> AsyncIterator[MakeBox]:
+async def make_box(tmp_path: Path, new_database: Callable[..., str]) -> AsyncIterator[MakeBox]:
     """Sandbox(**options), started, and stopped after the test."""
     boxes: list[Sandbox] = []
 
     async def make(**options: Any) -> Sandbox:
         directory = tmp_path / f"box{len(boxes)}"
         directory.mkdir()
-        box = Sandbox(directory=directory, **options)
+        box = Sandbox(directory=directory, database_url=new_database(), **options)
         await box.start()
         boxes.append(box)
         return box

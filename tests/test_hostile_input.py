@@ -506,9 +506,10 @@ def test_signed_garbage_bodies_are_400_not_500(live: Live, body: bytes) -> None:
 # --------------------------------------------------------------------------- rate limit
 
 
-async def test_per_user_request_rate_limit(tmp_path: Any) -> None:
+async def test_per_user_request_rate_limit(tmp_path: Any, database_url: str) -> None:
     clock = OffsetClock()
-    async with Sandbox(directory=tmp_path, algorithm="ES256", clock=clock) as box:
+    async with Sandbox(directory=tmp_path, algorithm="ES256", clock=clock,
+                       database_url=database_url) as box:
         limits = box.bot.policy.requests
         assert (limits.rate_limit, limits.rate_window) == (5, timedelta(minutes=10))
         emu = box.emulator

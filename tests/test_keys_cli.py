@@ -86,8 +86,9 @@ async def test_rotate_makes_a_new_current_key(env: dict[str, str]) -> None:
     assert all(decrypts(env["BREAKGLASS_MASTER_KEY"], r) for r in rows)
 
 
-async def test_rotation_by_the_cli_reaches_jwks_and_the_old_key_leaves(tmp_path: Path) -> None:
-    box = Sandbox(directory=tmp_path, clock=OffsetClock())
+async def test_rotation_by_the_cli_reaches_jwks_and_the_old_key_leaves(tmp_path: Path,
+                                                                       database_url: str) -> None:
+    box = Sandbox(directory=tmp_path, clock=OffsetClock(), database_url=database_url)
     await box.start()
     try:
         token = await _token(box, "payments-write 5m INC-7 before the rotation")

@@ -500,8 +500,9 @@ async def test_dead_letter_then_outbox_retry_cli_then_delivered(world: World) ->
 # --------------------------------------------------------------------------- the whole bot
 
 
-async def test_state_and_messages_commit_together_and_a_restart_resumes(tmp_path: Path) -> None:
-    box = Sandbox(directory=tmp_path)
+async def test_state_and_messages_commit_together_and_a_restart_resumes(tmp_path: Path,
+                                                                        database_url: str) -> None:
+    box = Sandbox(directory=tmp_path, database_url=database_url)
     await box.start()
     try:
         emu = box.emulator

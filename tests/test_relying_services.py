@@ -117,8 +117,9 @@ async def uses_row(box: Sandbox) -> Any:
 
 
 @pytest.fixture
-async def clocked(tmp_path: Path):
-    box = Sandbox(directory=tmp_path, clock=OffsetClock(), extra_policy=OTHER_CLIENT)
+async def clocked(tmp_path: Path, database_url: str):
+    box = Sandbox(directory=tmp_path, clock=OffsetClock(), extra_policy=OTHER_CLIENT,
+                  database_url=database_url)
     await box.start()
     try:
         yield box
@@ -436,11 +437,11 @@ async def test_uses_survive_a_failed_write(sandbox: Sandbox, monkeypatch: Any) -
     assert sum(r["details"]["uses"] for r in await audit_rows(sandbox, "used")) == 8
 
 
-async def test_no_use_is_lost_on_clean_shutdown(tmp_path: Path, monkeypatch: Any) -> None:
+async def test_no_use_is_lost_on_clean_shutdown(tmp_path: Path, monkeypatch: Any, database_url: str) -> None:
     """Runtime.stop must call `await self.introspector.flush()` once the HTTP server
     stopped: the background writer (slowed down here) must not be what saves them."""
     monkeypatch.setattr("bot.introspection.FLUSH_EVERY", 30.0)
-    box = Sandbox(directory=tmp_path)
+    box = Sandbox(directory=tmp_path, database_url=database_url)
     await box.start()
     try:
         _, token = await get_token(box)
@@ -458,11 +459,11 @@ async def test_no_use_is_lost_on_clean_shutdown(tmp_path: Path, monkeypatch: Any
 # --------------------------------------------------------------------------- two processes
 
 
-async def test_second_process_rotation_and_revocation(tmp_path: Path) -> None:
+async def test_second_process_rotation_and_revocation(tmp_path: Path, database_url: str) -> None:
     """Two bot processes on one database: keys rotated with the CLI, a token revealed
     by the second, introspected by the first (which reloads its keys), revoked by
     the second (the first's cache sees it within REVALIDATE_AFTER)."""
-    async with Sandbox(directory=tmp_path) as box:
+    async with Sandbox(directory=tmp_path, database_url=database_url) as box:
         _, old_token = await get_token(box)
         old_kid = jwt.get_unverified_header(old_token)["kid"]
         env = {**os.environ, "BREAKGLASS_DATABASE_URL": box.database_url,

@@ -28,10 +28,10 @@ FORM = "application/x-www-form-urlencoded"
 
 
 @pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
+async def box(tmp_path: Path, database_url: str) -> AsyncIterator[Sandbox]:
     """The conftest sandbox, with ES256 keys: generated in a millisecond where an RSA key
     takes half a second, and these tests do not look at the signing algorithm."""
-    async with Sandbox(directory=tmp_path, algorithm="ES256") as started:
+    async with Sandbox(directory=tmp_path, algorithm="ES256", database_url=database_url) as started:
         yield started
 
 

@@ -1,23 +1,17 @@
-"""Review findings on the store changes (left failing on purpose)."""
+"""Store races found in review: a health check while another process writes (SQLite),
+and a locked load that must see a decision committed while it waited (both backends)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-
 from bot.core.domain import Request, State
 from bot.store import requests as store
 from bot.store.db import Database
-from bot.store.schema import metadata
-
-PG_URL = os.environ.get("BREAKGLASS_TEST_POSTGRES_URL")
-pg_only = pytest.mark.skipif(not PG_URL, reason="set BREAKGLASS_TEST_POSTGRES_URL to run")
 
 
 async def test_review_ping_answers_while_another_process_writes(tmp_path: Path) -> None:
@@ -55,17 +49,14 @@ def _request(rid: str) -> Request:
                    state=State.PENDING, created_at=now, expires_at=now + timedelta(minutes=30))
 
 
-@pg_only
-async def test_review_pg_locked_load_sees_a_decision_committed_while_it_waited() -> None:
+async def test_review_pg_locked_load_sees_a_decision_committed_while_it_waited(backend: str,
+                                                                              database_url: str) -> None:
     """PostgreSQL, READ COMMITTED: `load(lock=True)` is now one SELECT ... LEFT JOIN
     decisions ... FOR UPDATE OF requests. Its snapshot is taken before it waits for the
     row lock, so a decision committed by the transaction it waited for is missing (the
     request row itself was not updated, so no EvalPlanQual re-read either). Two approvers
     clicking at once: the second one's tally misses the first; quorum is not reached."""
-    assert PG_URL
-    db = Database(PG_URL)
-    async with db.transaction() as conn:
-        await conn.run_sync(metadata.drop_all)
+    db = Database(database_url)
     await db.create_schema()
     try:
         async with db.transaction() as conn:

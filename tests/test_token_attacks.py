@@ -129,8 +129,9 @@ async def refused(box: Sandbox, token: str, reason: str | set[str], client: str 
 
 
 @pytest.fixture
-async def box(tmp_path: Path):
-    sandbox = Sandbox(directory=tmp_path, clock=OffsetClock(), extra_policy=OTHER_CLIENT)
+async def box(tmp_path: Path, database_url: str):
+    sandbox = Sandbox(directory=tmp_path, clock=OffsetClock(), extra_policy=OTHER_CLIENT,
+                      database_url=database_url)
     await sandbox.start()
     try:
         yield sandbox

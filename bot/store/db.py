@@ -19,7 +19,6 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from . import sqlite_driver
-from .schema import metadata
 
 DEFAULT_URL = "sqlite+aiosqlite:///./breakglass.db"
 LOCK_WAIT_SECONDS = 30.0  # how long a writer waits for another process's write lock
@@ -51,12 +50,11 @@ class Database:
             self._checkpointer = sqlite_driver.Checkpointer(path)
 
     async def create_schema(self) -> None:
-        from .. import audit  # triggers live with the code that relies on them
+        """The newest schema, by migration (store/migrate.py); an empty database gets it all,
+        a current one is left alone, an older one is refused (migrate.SchemaError)."""
+        from .migrate import ensure_current
 
-        async with self.transaction() as conn:
-            await conn.run_sync(metadata.create_all)
-            for stmt in audit.trigger_ddl(self.is_sqlite):
-                await conn.exec_driver_sql(stmt)
+        await ensure_current(self)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:

@@ -1,4 +1,9 @@
-"""Tables. SQLAlchemy Core, not the ORM: every hot path is one or two statements."""
+"""Tables. SQLAlchemy Core, not the ORM: every hot path is one or two statements.
+
+Every change here arrives as a migration in `migrations/versions/` too
+(tests/test_migrations.py compares the two on both backends). A column that a
+user, a policy or Slack can fill is Text: no backend cuts or refuses it.
+"""
 
 from __future__ import annotations
 
@@ -27,10 +32,10 @@ requests = Table(
     "requests",
     metadata,
     Column("id", String(16), primary_key=True),
-    Column("scope", String(128), nullable=False),
-    Column("requester", String(32), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("requester", Text, nullable=False),
     Column("reason", Text, nullable=False),
-    Column("incident", String(64)),
+    Column("incident", Text),
     Column("requested_ttl_s", Integer, nullable=False),
     Column("ttl_s", Integer, nullable=False),
     Column("state", String(16), nullable=False),
@@ -39,7 +44,7 @@ requests = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),  # request deadline
     Column("escalated_at", DateTime(timezone=True)),
     Column("closed_at", DateTime(timezone=True)),
-    Column("closed_by", String(32)),
+    Column("closed_by", Text),
     # token, set at quorum
     Column("jti", String(64), unique=True),
     Column("kid", String(64)),
@@ -66,7 +71,7 @@ decisions = Table(
     "decisions",
     metadata,
     Column("request_id", String(16), ForeignKey("requests.id"), nullable=False),
-    Column("user_id", String(32), nullable=False),
+    Column("user_id", Text, nullable=False),
     Column("decision", String(8), nullable=False),  # approve | deny
     Column("at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("request_id", "user_id", name="uq_decisions_request_user"),
@@ -77,7 +82,7 @@ outbox = Table(
     "outbox",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("lane", String(64), nullable=False),  # delivery order is kept per lane (channel)
+    Column("lane", Text, nullable=False),  # delivery order is kept per lane (channel)
     Column("kind", String(32), nullable=False),
     Column("payload", Text, nullable=False),
     Column("status", String(8), nullable=False, default="pending"),  # pending|sent|dead
@@ -94,9 +99,9 @@ Index("ix_outbox_status_next", outbox.c.status, outbox.c.next_attempt_at)
 slack_messages = Table(
     "slack_messages",
     metadata,
-    Column("key", String(64), primary_key=True),
-    Column("channel", String(32), nullable=False),
-    Column("ts", String(32), nullable=False),
+    Column("key", Text, primary_key=True),
+    Column("channel", Text, nullable=False),
+    Column("ts", Text, nullable=False),
 )
 
 # Signing keys; the private half is AES-GCM encrypted under the master key.
@@ -127,9 +132,9 @@ audit_log = Table(
     metadata,
     Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
     Column("at", DateTime(timezone=True), nullable=False),
-    Column("actor", String(64), nullable=False),
-    Column("event", String(32), nullable=False),
-    Column("request_id", String(16)),
+    Column("actor", Text, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("request_id", Text),
     Column("details", Text, nullable=False),
     Column("mac", String(64), nullable=False),
 )
@@ -152,7 +157,7 @@ token_uses = Table(
     Column("reported", Integer, nullable=False, default=0),
     Column("first_at", DateTime(timezone=True), nullable=False),
     Column("last_at", DateTime(timezone=True), nullable=False),
-    Column("last_client", String(128), nullable=False),
+    Column("last_client", Text, nullable=False),
     Column("reported_at", DateTime(timezone=True), nullable=False),
 )
 
