@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from bot import audit
 from bot.core.kdf import new_master_key
+from bot.sandbox import sandbox_policy
 from bot.store import migrate
 from bot.store.db import Database
 from bot.store.schema import metadata
@@ -156,7 +157,7 @@ async def test_serve_refuses_an_older_schema_and_db_upgrade_brings_it_forward(
         empty_database_url: str, tmp_path: Path) -> None:
     key_master = new_master_key()
     await _make_0_1_0_database(empty_database_url, audit.mac_key(key_master))
-    (tmp_path / "p.toml").write_text((Path(__file__).parents[1] / "breakglass.example.toml").read_text())
+    (tmp_path / "p.toml").write_text(sandbox_policy("http://127.0.0.1:9", os.urandom(8).hex()))
     env = {"BREAKGLASS_DATABASE_URL": empty_database_url, "BREAKGLASS_MASTER_KEY": key_master,
            "SLACK_BOT_TOKEN": "xoxb-" + os.urandom(8).hex(), "SLACK_SIGNING_SECRET": os.urandom(16).hex(),
            "SLACK_API_URL": "http://127.0.0.1:9/", "BREAKGLASS_POLICY": str(tmp_path / "p.toml"),
