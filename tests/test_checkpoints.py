@@ -43,9 +43,10 @@ STEP = GATHER + timedelta(seconds=1)  # past the time a security event waits for
 
 
 @pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
-    """The bot on a clock that moves only when told to."""
-    sandbox = Sandbox(directory=tmp_path, clock=ManualClock(datetime.now(UTC)), sweep_interval=0.05)
+async def box(tmp_path: Path, database_url: str) -> AsyncIterator[Sandbox]:
+    """The bot on a clock that moves only when told to (on SQLite, then PostgreSQL)."""
+    sandbox = Sandbox(directory=tmp_path, database_url=database_url,
+                      clock=ManualClock(datetime.now(UTC)), sweep_interval=0.05)
     await sandbox.start()
     try:
         yield sandbox
@@ -141,7 +142,7 @@ def alerts(box: Sandbox) -> list[Message]:
 @contextlib.asynccontextmanager
 async def attacker(box: Sandbox) -> AsyncIterator[Any]:
     """A connection of someone with write access to the database, the audit log's
-    triggers dropped (and put back afterwards, as a careful attacker would)."""
+    triggers dropped."""
     db = Database(box.database_url)
     try:
         async with db.transaction() as conn:
@@ -152,7 +153,6 @@ async def attacker(box: Sandbox) -> AsyncIterator[Any]:
                 for name in ("audit_log_no_update_delete", "audit_log_next_seq"):
                     await conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name} ON audit_log")
             yield conn
-        await db.create_schema()  # the triggers stand again
     finally:
         await db.dispose()
 
@@ -278,8 +278,8 @@ async def test_two_runtimes_on_one_database_post_each_checkpoint_once(box: Sandb
         await other.stop(drain_seconds=2.0)
 
 
-async def test_a_reviewed_event_is_a_token_event_too(tmp_path: Path) -> None:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'reviewed.db'}")
+async def test_a_reviewed_event_is_a_token_event_too(database_url: str) -> None:
+    db = Database(database_url)
     await db.create_schema()
     key = os.urandom(32)
     private = generate_private_key("ES256")
@@ -304,7 +304,8 @@ async def test_a_reviewed_event_is_a_token_event_too(tmp_path: Path) -> None:
         await db.dispose()
 
 
-async def test_a_checkpoint_reaches_every_webhook_whatever_it_lists(tmp_path: Path) -> None:
+async def test_a_checkpoint_reaches_every_webhook_whatever_it_lists(tmp_path: Path,
+                                                                    database_url: str) -> None:
     """Delivered by the outbox to a real receiver on loopback that checks the webhook
     signature itself; the checkpoint inside checks with the JWKS key."""
     from webhook_receiver import Receiver
@@ -313,8 +314,9 @@ async def test_a_checkpoint_reaches_every_webhook_whatever_it_lists(tmp_path: Pa
     hook = (f'\n[[webhooks]]\nurl = "{receiver.url}"\nsecret_env = "CHECKPOINT_HOOK_SECRET"\n'
             'events = ["requested"]\n')
     assert receiver.secret is not None
-    sandbox = Sandbox(directory=tmp_path, clock=ManualClock(datetime.now(UTC)), sweep_interval=0.05,
-                      extra_policy=hook, env={"CHECKPOINT_HOOK_SECRET": receiver.secret.decode()})
+    sandbox = Sandbox(directory=tmp_path, database_url=database_url,
+                      clock=ManualClock(datetime.now(UTC)), sweep_interval=0.05, extra_policy=hook,
+                      env={"CHECKPOINT_HOOK_SECRET": receiver.secret.decode()})
     await sandbox.start()
     try:
         await flow_to_issued(sandbox)
@@ -458,7 +460,7 @@ async def test_verify_slack_catches_a_cut_of_the_tail_and_alerts(box: Sandbox) -
 
 
 async def test_a_failed_comparison_alerts_slack_and_every_webhook_listing_alert(
-        tmp_path: Path) -> None:
+        tmp_path: Path, database_url: str) -> None:
     """From cron, with no bot running: the Slack alert is posted by the command itself;
     the webhook event `alert` is queued with the audit row and leaves with the bot."""
     from webhook_receiver import Receiver
@@ -468,8 +470,9 @@ async def test_a_failed_comparison_alerts_slack_and_every_webhook_listing_alert(
     secret = {"CHECKPOINT_ALERT_SECRET": receiver.secret.decode()}
     hook = (f'\n[[webhooks]]\nurl = "{receiver.url}"\nsecret_env = "CHECKPOINT_ALERT_SECRET"\n'
             'events = ["alert"]\n')
-    sandbox = Sandbox(directory=tmp_path, clock=ManualClock(datetime.now(UTC)), sweep_interval=0.05,
-                      extra_policy=hook, env=secret)
+    sandbox = Sandbox(directory=tmp_path, database_url=database_url,
+                      clock=ManualClock(datetime.now(UTC)), sweep_interval=0.05, extra_policy=hook,
+                      env=secret)
     await sandbox.start()
     try:
         found = await published_flow(sandbox)
@@ -595,68 +598,40 @@ async def test_verify_slack_says_what_to_do_when_slack_cannot_answer(box: Sandbo
     assert alerts(box) == []
 
 
-@contextlib.asynccontextmanager
-async def scratch_database(tmp_path: Path, backend: str) -> AsyncIterator[str]:
-    """A fresh database URL: a SQLite file, or a new PostgreSQL database on the server
-    BREAKGLASS_TEST_POSTGRES_URL names (dropped afterwards)."""
-    if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'race.db'}"
-        return
-    server = os.environ.get("BREAKGLASS_TEST_POSTGRES_URL")
-    if not server:
-        pytest.skip("BREAKGLASS_TEST_POSTGRES_URL is not set")
-    from sqlalchemy.engine import make_url
-
-    name = f"checkpoint_race_{os.urandom(4).hex()}"
-    admin = Database(server)
-    try:
-        async with admin.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        async with admin.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.dispose()
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-async def test_racing_publishers_publish_each_head_once(tmp_path: Path, backend: str) -> None:
+async def test_racing_publishers_publish_each_head_once(database_url: str) -> None:
     """Four processes' worth of connections, writers appending while they race: each
     round exactly one of them publishes (the claim is taken under the appenders' lock)."""
-    async with scratch_database(tmp_path, backend) as url:
-        dbs = [Database(url) for _ in range(4)]
-        try:
-            await dbs[0].create_schema()
-            key = os.urandom(32)
-            private = generate_private_key("EdDSA")
-            signer = SigningKey("bg-race", "EdDSA", private, private.public_key())
-            at = ManualClock(datetime.now(UTC))
+    dbs = [Database(database_url) for _ in range(4)]
+    try:
+        await dbs[0].create_schema()
+        key = os.urandom(32)
+        private = generate_private_key("EdDSA")
+        signer = SigningKey("bg-race", "EdDSA", private, private.public_key())
+        at = ManualClock(datetime.now(UTC))
 
-            async def write(db: Database, n: int) -> None:
-                for i in range(n):
-                    async with db.transaction() as conn:
-                        await audit.append(conn, key, at=at.now(), actor=ALICE, event="issued",
-                                           details={"i": i})
+        async def write(db: Database, n: int) -> None:
+            for i in range(n):
+                async with db.transaction() as conn:
+                    await audit.append(conn, key, at=at.now(), actor=ALICE, event="issued",
+                                       details={"i": i})
 
-            published = []
-            for _ in range(10):
-                await asyncio.gather(*(write(d, 2) for d in dbs))
-                at.advance(STEP)
-                results = await asyncio.gather(
-                    *(publish_head(d, key, at, INCIDENT, signer) for d in dbs),
-                    *(write(d, 1) for d in dbs[:2]))
-                winners = [r for r in results[:4] if r is not None]
-                assert len(winners) == 1, winners
-                published.append(winners[0])
-            records = [r for r in await rows(dbs[0]) if r["event"] == EVENT]
-            assert [(r["details"]["seq"], r["details"]["mac"]) for r in records] == [
-                (p.seq, p.mac) for p in published]
-            async with dbs[0].read() as conn:
-                macs = dict((await conn.execute(select(audit_log.c.seq, audit_log.c.mac))).all())
-            assert all(macs[p.seq] == p.mac for p in published)
-            assert (await audit.verify(dbs[0], key)).ok
-        finally:
-            for d in dbs:
-                await d.dispose()
+        published = []
+        for _ in range(10):
+            await asyncio.gather(*(write(d, 2) for d in dbs))
+            at.advance(STEP)
+            results = await asyncio.gather(
+                *(publish_head(d, key, at, INCIDENT, signer) for d in dbs),
+                *(write(d, 1) for d in dbs[:2]))
+            winners = [r for r in results[:4] if r is not None]
+            assert len(winners) == 1, winners
+            published.append(winners[0])
+        records = [r for r in await rows(dbs[0]) if r["event"] == EVENT]
+        assert [(r["details"]["seq"], r["details"]["mac"]) for r in records] == [
+            (p.seq, p.mac) for p in published]
+        async with dbs[0].read() as conn:
+            macs = dict((await conn.execute(select(audit_log.c.seq, audit_log.c.mac))).all())
+        assert all(macs[p.seq] == p.mac for p in published)
+        assert (await audit.verify(dbs[0], key)).ok
+    finally:
+        for d in dbs:
+            await d.dispose()
