@@ -80,6 +80,7 @@ from .core.clock import Clock
 from .core.domain import State
 from .core.errors import Refusal
 from .core.policy import Client, Policy
+from .governance import alerts
 from .keys import KeyRing
 from .service import Service
 from .slack import blocks
@@ -431,12 +432,18 @@ class Introspector:
                 if req is not None and req.token_expires_at is not None:
                     await outbox.post(conn, now, self.service.incident_channel,
                                       blocks.incident_used(req, client_id, 1, first=True))
+                if req is not None:
+                    await alerts.on_first_use(conn, self.service.audit_key, self.policy, now,
+                                              request_id=req.id, requester=req.requester,
+                                              scope=req.scope, client=client_id)
             else:
                 await conn.execute(token_uses.update().where(token_uses.c.jti == entry.jti).values(
                     count=token_uses.c.count + 1, last_at=now, last_client=client_id))
             await audit.append(conn, self.service.audit_key, at=now, actor=_actor(client_id),
                                event="used", details={"jti": entry.jti, "uses": 1, "first": first},
                                request_id=entry.request_id)
+            await alerts.on_uses(conn, self.service.audit_key, self.policy,
+                                 [(entry.jti, entry.request_id, 1, now)])
         return first
 
     def _buffer_use(self, entry: _Entry, client_id: str, now: datetime) -> None:
@@ -499,6 +506,7 @@ class Introspector:
                 return 0
             self._uses = {}
             per_token: dict[str, tuple[int, datetime, str]] = {}
+            requests_of = {jti: u.request_id for (jti, _), u in uses.items()}
             events = []
             for (jti, client), u in uses.items():
                 count, last_at, last_client = per_token.get(jti, (0, u.last_at, client))
@@ -519,6 +527,8 @@ class Introspector:
                         [{"b_jti": jti, "b_n": n, "b_at": at, "b_client": client}
                          for jti, (n, at, client) in per_token.items()])
                     await audit.append_many(conn, self.service.audit_key, events)
+                    await alerts.on_uses(conn, self.service.audit_key, self.policy, [
+                        (jti, requests_of[jti], n, at) for jti, (n, at, _) in per_token.items()])
             except BaseException:
                 self._requeue(uses)
                 raise

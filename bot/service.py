@@ -24,7 +24,7 @@ from .core.domain import Request, State, TriggerResult
 from .core.errors import Refusal
 from .core.policy import Policy, Scope
 from .directory import Directory
-from .governance import drills, escalation, expiry
+from .governance import alerts, drills, escalation, expiry, refusals
 from .keys import KeyRing
 from .outbox import Rendered
 from .slack import blocks
@@ -117,6 +117,7 @@ class Service:
         self.audit_key = audit_key
         self.wake_outbox = wake_outbox
         self._rate_alerts: dict[str, datetime] = {}
+        self.refusal_summaries = refusals.Summariser(db, audit_key)
         self._scopes: dict[str, str] = {}
 
     # -- helpers -----------------------------------------------------------
@@ -170,11 +171,32 @@ class Service:
 
     async def _refuse(self, actor: str, refusal: Refusal, details: dict[str, Any],
                       request_id: str | None = None) -> Refusal:
-        """Record a security-relevant refusal in the audit log; changes nothing else."""
+        """Record a security-relevant refusal (counted; audited, or summarised past the
+        person's hourly threshold: governance/refusals.py); changes nothing else."""
         metrics.REFUSALS.labels(code=refusal.code).inc()
         async with self._write() as w:
-            self._audit(w, actor, "refused", {"code": refusal.code, **details}, request_id)
+            await self._refused(w, actor, refusal.code, details, request_id)
+        self.wake_outbox()
         return refusal
+
+    async def _refused(self, w: _Writes, user: str, code: str, details: dict[str, Any],
+                       request_id: str | None = None, post: str | None = None,
+                       drill: bool = False) -> bool:
+        return await refusals.record(w, w.conn, self.policy, self.clock.now(), user=user,
+                                     code=code, details=details, request_id=request_id,
+                                     post=post, drill=drill)
+
+    async def _recent(self, conn: AsyncConnection, user: str, now: datetime,
+                      drill: bool = False) -> int:
+        """What counts towards the rate limit in the window: real requests opened and
+        refusals; for a drill, only drills (a drill never uses up the real limit)."""
+        since = now - self.policy.requests.rate_window
+        if drill:
+            return await store.count_since(conn, user, since, drill=True)
+        # One statement: this count is on every request's path, twice.
+        both = select(store.count_since_query(user, since).scalar_subquery()
+                      + refusals.count_since_query(user, since).scalar_subquery())
+        return int(await conn.scalar(both) or 0)
 
     def _card(self, w: _Writes, req: Request, scope: Scope | None) -> None:
         permissions = scope.permissions if scope else req.extra.get("grant", {}).get("permissions", [])
@@ -231,32 +253,37 @@ class Service:
         limits = self.policy.requests
         now = self.clock.now()
         async with self.db.read() as conn:
-            recent = await store.count_since(conn, user, now - limits.rate_window, drill=drill)
+            recent = await self._recent(conn, user, now, drill)
         if recent < limits.rate_limit:
             return
         async with self._write() as w:
-            refusal = self._rate_refusal(w, user, scope_name, recent, now, drill)
+            refusal = await self._rate_refusal(w, user, scope_name, recent, now, drill)
         self.wake_outbox()
         raise refusal
 
-    def _rate_refusal(self, w: _Writes, user: str, scope_name: str, recent: int,
-                      now: datetime, drill: bool = False) -> Refusal:
-        """Audit a rate-limit refusal (and alert once per window) in `w`; the Refusal."""
+    async def _rate_refusal(self, w: _Writes, user: str, scope_name: str, recent: int,
+                            now: datetime, drill: bool = False) -> Refusal:
+        """Count and audit a rate-limit refusal (posted once per window) in `w`."""
         limits = self.policy.requests
         what = "drills" if drill else "requests"
         refusal = Refusal("rate_limited", f"You made {recent} {what} in the last "
-                          f"{_fmt(limits.rate_window)}; the limit is {limits.rate_limit}. "
+                          f"{_fmt(limits.rate_window)}"
+                          + ("" if drill else " (refused attempts count too)")
+                          + f"; the limit is {limits.rate_limit}. "
                           + ("Wait before the next drill." if drill
                              else "Ask a colleague on call, or wait."))
         metrics.REFUSALS.labels(code=refusal.code).inc()
         last = self._rate_alerts.get(user)
-        self._audit(w, user, "refused", {"code": refusal.code, "scope": scope_name,
-                                         "recent": recent, "drill": drill})
+        post = None
         if not drill and (last is None or now - last > limits.rate_window):
-            self._rate_alerts[user] = now
-            self._incident(w, blocks.incident_refused(
+            post = blocks.incident_refused(
                 user, scope_name, None,
-                f"rate limit reached ({recent} requests in {_fmt(limits.rate_window)})"))
+                f"rate limit reached ({recent} requests or refusals in "
+                f"{_fmt(limits.rate_window)})")
+        if await self._refused(w, user, refusal.code, {"scope": scope_name, "recent": recent,
+                                                       "drill": drill},
+                               post=post, drill=drill) and post is not None:
+            self._rate_alerts[user] = now
         return refusal
 
     async def submit(self, draft: Draft) -> Request:
@@ -268,11 +295,11 @@ class Service:
             why = "; ".join(f"trigger `{r.name}` does not hold ({r.description}: {r.detail})"
                             for r in failing)
             async with self._write() as w:
-                self._audit(w, draft.requester, "refused", {
-                    "code": "trigger_not_holding", "scope": draft.scope_name,
-                    "incident": draft.incident, "triggers": [r.as_dict() for r in results]})
-                self._incident(w, blocks.incident_refused(
-                    draft.requester, draft.scope_name, draft.incident, why))
+                await self._refused(w, draft.requester, "trigger_not_holding", {
+                    "scope": draft.scope_name, "incident": draft.incident,
+                    "triggers": [r.as_dict() for r in results]},
+                    post=blocks.incident_refused(draft.requester, draft.scope_name,
+                                                 draft.incident, why))
             self.wake_outbox()
             metrics.REQUESTS.labels(outcome="refused").inc()
             raise Refusal("trigger_not_holding",
@@ -292,13 +319,15 @@ class Service:
             # Count and insert in one transaction, the requester's lock held: concurrent
             # commands from one person cannot all pass the count before any inserts.
             await store.lock_requester(w.conn, draft.requester)
-            recent = await store.count_since(w.conn, draft.requester, now - limits.rate_window,
-                                             drill=draft.drill)
+            recent = await self._recent(w.conn, draft.requester, now, draft.drill)
             if recent >= limits.rate_limit:
-                refusal = self._rate_refusal(w, draft.requester, draft.scope_name, recent, now,
-                                             draft.drill)
+                refusal = await self._rate_refusal(w, draft.requester, draft.scope_name,
+                                                   recent, now, draft.drill)
             else:
                 await self._open(w, req, draft, tally, results)
+                await alerts.on_request(w, w.conn, self.policy, now, request_id=req.id,
+                                        requester=req.requester, scope=req.scope,
+                                        drill=draft.drill)
         self.wake_outbox()
         if refusal is not None:
             raise refusal
@@ -586,6 +615,10 @@ class Service:
                 done += await job(self, now)
             except Exception:  # noqa: BLE001 - one failing job must not stop the others
                 log.exception("%s failed", job.__module__ + "." + job.__name__)
+        try:
+            done += await self.refusal_summaries.run(self.policy, now)
+        except Exception:  # noqa: BLE001 - nor this one
+            log.exception("refusal summaries failed")
         if done:
             self.wake_outbox()
         return done

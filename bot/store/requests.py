@@ -189,16 +189,17 @@ async def lock_requester(conn: AsyncConnection, requester: str) -> None:
                            {"key": f"breakglass:requests:{requester}"})
 
 
+def count_since_query(requester: str, since: datetime, *, drill: bool = False) -> Any:
+    return select(func.count()).where(
+        and_(requests.c.requester == requester, requests.c.created_at >= since,
+             requests.c.drill == drill))
+
+
 async def count_since(conn: AsyncConnection, requester: str, since: datetime, *,
                       drill: bool = False) -> int:
     """Requests `requester` opened since `since`: real ones, or (`drill=True`) drills.
     A drill never counts towards the limit on real requests."""
-    n = await conn.scalar(
-        select(func.count()).where(
-            and_(requests.c.requester == requester, requests.c.created_at >= since,
-                 requests.c.drill == drill)
-        )
-    )
+    n = await conn.scalar(count_since_query(requester, since, drill=drill))
     return int(n or 0)
 
 

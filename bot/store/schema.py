@@ -169,3 +169,32 @@ periodic_runs = Table(
     Column("name", Text, primary_key=True),
     Column("last_run_at", DateTime(timezone=True), nullable=False),
 )
+
+# Refusals, one row each, for the per-person counts (contract §7.5 refusals_per_hour,
+# and each person's rate_limit). `state`: "audited" (audited and posted one by one),
+# "pending" (past the hourly threshold: waiting for the next summary), "summarised".
+# Rows older than the longest window are pruned.
+refusals = Table(
+    "refusals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user_id", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("code", Text, nullable=False),
+    Column("scope", Text),
+    Column("state", Text, nullable=False),
+)
+Index("ix_refusals_user_at", refusals.c.user_id, refusals.c.at)
+Index("ix_refusals_state", refusals.c.state)
+
+# Alert bookkeeping shared by every process: a count in a window (e.g. a token's uses
+# this minute) and when it last alerted or was summarised. `key` names what is counted
+# ("uses:<jti>", "refusal-summary:<user>").
+alert_counters = Table(
+    "alert_counters",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("window_start", DateTime(timezone=True), nullable=False),
+    Column("count", Integer, nullable=False, default=0),
+    Column("last_at", DateTime(timezone=True)),
+)
