@@ -301,3 +301,14 @@ def test_the_refusal_that_crosses_the_threshold_alerts_and_later_ones_are_summar
     assert not judge_refusal(7, 5).individually and not judge_refusal(7, 5).alert
     assert not judge_refusal(6, 5, drill=True).alert  # drills count for no threshold
     assert not judge_refusal(6, None).alert and not judge_refusal(7, None).individually
+
+
+async def test_drills_count_for_no_alert_threshold(make_box):
+    now = datetime.now(UTC)
+    box = await make_box(f'max_requests_per_day = 1\nquiet_hours = "{window_around(now, True)}"',
+                         rate_limit=20)
+    for _ in range(3):
+        await command(box, ALICE, "drill payments-write")
+    assert alert_posts(box) == [] and await alert_kinds(box) == []
+    await command(box, ALICE, f"payments-write 30m {REASON}")  # the first real one today
+    assert await alert_kinds(box) == ["quiet_hours"]

@@ -65,13 +65,18 @@ async def record(w: alerts.Writes, conn: AsyncConnection, policy: Policy, now: d
                  drill: bool = False) -> bool:
     """Count one refusal of `user` and audit (and `post`) it, or leave it to the next
     summary (see the module docstring). Returns whether it was audited one by one."""
-    await store.lock_requester(conn, user)  # PostgreSQL: one person's counts in turn
-    in_hour = await count_since(conn, user, now - rules.HOUR) + 1
-    verdict = rules.judge_refusal(in_hour, policy.alerts.refusals_per_hour, drill=drill)
-    scope = details.get("scope")
-    await conn.execute(refusals.insert().values(
-        user_id=user, at=now, code=code, scope=scope if isinstance(scope, str) else None,
-        state=AUDITED if verdict.individually else PENDING))
+    if drill:
+        # Drills count for no threshold and no rate limit of real requests: audited, as is.
+        verdict = rules.RefusalVerdict(individually=True, alert=False)
+        in_hour = 0
+    else:
+        await store.lock_requester(conn, user)  # PostgreSQL: one person's counts in turn
+        in_hour = await count_since(conn, user, now - rules.HOUR) + 1
+        verdict = rules.judge_refusal(in_hour, policy.alerts.refusals_per_hour)
+        scope = details.get("scope")
+        await conn.execute(refusals.insert().values(
+            user_id=user, at=now, code=code, scope=scope if isinstance(scope, str) else None,
+            state=AUDITED if verdict.individually else PENDING))
     if not verdict.individually:
         return False
     w.events.append(audit.AuditEvent(at=now, actor=user, event="refused",
