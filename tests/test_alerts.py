@@ -41,7 +41,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-async def make_box(tmp_path: Path, receiver: Receiver) -> AsyncIterator[MakeBox]:
+async def make_box(tmp_path: Path, receiver: Receiver, new_database: Callable[..., str]
+                   ) -> AsyncIterator[MakeBox]:
     """A sandbox with `[alerts]` as given and a webhook listing `alert` and `refused`."""
     boxes: list[Sandbox] = []
 
@@ -51,7 +52,7 @@ async def make_box(tmp_path: Path, receiver: Receiver) -> AsyncIterator[MakeBox]
                  'secret_env = "ALERTS_TEST_SECRET"\nevents = ["alert", "refused"]\n')
         directory = tmp_path / f"box{len(boxes)}"
         directory.mkdir()
-        box = Sandbox(directory=directory, extra_policy=extra,
+        box = Sandbox(directory=directory, extra_policy=extra, database_url=new_database(),
                       env={"ALERTS_TEST_SECRET": receiver.secret.decode()}, **options)
         await box.start()
         boxes.append(box)

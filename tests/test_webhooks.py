@@ -58,7 +58,7 @@ async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
 
 
 @pytest.fixture
-async def make_box(tmp_path: Path) -> AsyncIterator[MakeBox]:
+async def make_box(tmp_path: Path, new_database: Callable[..., str]) -> AsyncIterator[MakeBox]:
     boxes: list[Sandbox] = []
 
     async def make(*hooks: tuple[Receiver, list[str]] | str, **options: Any) -> Sandbox:
@@ -75,7 +75,7 @@ async def make_box(tmp_path: Path) -> AsyncIterator[MakeBox]:
         directory = tmp_path / f"box{len(boxes)}"
         directory.mkdir()
         box = Sandbox(directory=directory, extra_policy=extra + options.pop("extra", ""),
-                      env=env | options.pop("env", {}), **options)
+                      env=env | options.pop("env", {}), database_url=new_database(), **options)
         await box.start()
         boxes.append(box)
         return box
