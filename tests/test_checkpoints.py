@@ -441,6 +441,12 @@ async def test_verify_slack_passes_when_the_log_matches(box: Sandbox) -> None:
     assert f"sequence {found.seq}" in run.out
     assert alerts(box) == []
     assert box.bot_token not in run.out + run.err
+    later = (found.checkpoint.at + timedelta(days=1)).isoformat()  # type: ignore[union-attr]
+    run = await verify_slack(box, "--since", later)
+    assert run.code == 0 and "no audit checkpoint from the bot" in run.out, run.out + run.err
+    assert box.emulator.calls_to("conversations.history")[-1].params.get("oldest")
+    bad = await verify_slack(box, "--since", "last tuesday")
+    assert bad.code == 2 and "--since" in bad.err and "Traceback" not in bad.err
 
 
 async def test_verify_slack_catches_a_cut_of_the_tail_and_alerts(box: Sandbox) -> None:

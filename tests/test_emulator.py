@@ -81,6 +81,46 @@ async def test_post_update_delete_keeps_a_transcript(
     assert emu.calls_to("chat.update")[0].params["text"] == "approved"
 
 
+async def test_conversations_history_pages_newest_first_like_slack(
+    emu: SlackEmulator, client: AsyncWebClient
+) -> None:
+    posted = [await client.chat_postMessage(channel="C1", text=f"bot {i}") for i in range(3)]
+    people = [emu.post_as("U0ALICE", "C1", f"person {i}") for i in range(4)]
+    await client.chat_postMessage(channel="C1", text="reply", thread_ts=posted[0]["ts"])
+    await client.chat_delete(channel="C1", ts=posted[1]["ts"])
+    await client.chat_postMessage(channel="C2", text="elsewhere")
+
+    seen: list[dict] = []
+    cursors: list[str] = []
+    cursor = None
+    while True:
+        page = await client.conversations_history(channel="C1", limit=2, cursor=cursor)
+        seen += page["messages"]
+        cursor = page["response_metadata"]["next_cursor"]
+        assert page["has_more"] is bool(cursor)
+        if not cursor:
+            break
+        cursors.append(cursor)
+    # Newest first; no thread reply, no deleted message, nothing from another channel.
+    assert [m["text"] for m in seen] == ["person 3", "person 2", "person 1", "person 0",
+                                         "bot 2", "bot 0"]
+    assert len(cursors) == 2 and len(set(cursors)) == 2
+    by_person = [m for m in seen if m["text"].startswith("person")]
+    assert all(m["user"] == "U0ALICE" and "bot_id" not in m for m in by_person)
+    assert all(m["user"] == "UBOT" and m["bot_id"] for m in seen if m["text"].startswith("bot"))
+    assert people[0].ts == by_person[-1]["ts"]
+
+    newer = await client.conversations_history(channel="C1", oldest=people[1].ts)
+    assert [m["text"] for m in newer["messages"]] == ["person 3", "person 2"]
+    for bad, error in (({"cursor": "not-a-cursor"}, "invalid_cursor"),
+                       ({"oldest": "yesterday"}, "invalid_ts_oldest"),
+                       ({"limit": "many"}, "invalid_limit")):
+        with pytest.raises(SlackApiError) as err:
+            await client.conversations_history(channel="C1", **bad)
+        assert err.value.response["error"] == error
+    assert (await client.conversations_history(channel="C9"))["messages"] == []
+
+
 async def test_dm_by_user_id_and_conversations_open(
     emu: SlackEmulator, client: AsyncWebClient
 ) -> None:
