@@ -37,7 +37,8 @@ def summary(name: str, ms: list[float]) -> str:
 
 
 def load_policy(n_requesters: int, n_approvers: int, *, quorum: int = 2, trigger_timeout: str = "2s",
-                delivery: str = "reveal", rate_limit: int = 100_000) -> Callable[[str, str], str]:
+                delivery: str = "reveal", rate_limit: int = 100_000,
+                extra: str = "") -> Callable[[str, str], str]:
     """The sandbox's policy sized for load: (probe_url, client_secret) -> policy text."""
     from bot.sandbox import sandbox_policy
 
@@ -45,7 +46,71 @@ def load_policy(n_requesters: int, n_approvers: int, *, quorum: int = 2, trigger
     approvers = [f"U0APP{i:05d}" for i in range(n_approvers)]
     return lambda probe_url, client_secret: sandbox_policy(
         probe_url, client_secret, delivery=delivery, quorum=quorum, requesters=requesters,
-        approvers=approvers, rate_limit=rate_limit, auth_timeout=trigger_timeout)
+        approvers=approvers, rate_limit=rate_limit, auth_timeout=trigger_timeout, extra=extra)
+
+
+class WebhookSink:
+    """Webhook receivers on loopback for the benches: each checks every signature and
+    counts events by id (a repeat is counted apart, as a duplicate)."""
+
+    EVENTS = ["requested", "approved", "issued", "revealed", "used", "revoked", "expired",
+              "refused", "alert"]
+
+    def __init__(self, n: int) -> None:
+        import secrets
+
+        self.n = n
+        self.secrets = [secrets.token_hex(32) for _ in range(n)]
+        self.ids: list[set[str]] = [set() for _ in range(n)]
+        self.duplicates = [0] * n
+        self.bad_signatures = 0
+        self.last_at = [0.0] * n
+        self.urls: list[str] = []
+
+    async def start(self) -> WebhookSink:
+        import hashlib
+        import hmac
+
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            i = int(request.match_info["i"])
+            body = await request.read()
+            ts = request.headers.get("X-Breakglass-Timestamp", "")
+            want = "v1=" + hmac.new(self.secrets[i].encode(), ts.encode() + b"." + body,
+                                    hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(want, request.headers.get("X-Breakglass-Signature", "")):
+                self.bad_signatures += 1
+                return web.Response(status=401)
+            event_id = json.loads(body)["id"]
+            if event_id in self.ids[i]:
+                self.duplicates[i] += 1
+            self.ids[i].add(event_id)
+            self.last_at[i] = time.perf_counter()
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/hook/{i}", handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+        self.urls = [f"http://127.0.0.1:{port}/hook/{i}" for i in range(self.n)]
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    def policy(self) -> str:
+        return "".join(f'\n[[webhooks]]\nurl = "{url}"\nsecret_env = "BENCH_WEBHOOK_{i}"\n'
+                       f"events = {json.dumps(self.EVENTS)}\n" for i, url in enumerate(self.urls))
+
+    def env(self) -> dict[str, str]:
+        return {f"BENCH_WEBHOOK_{i}": s for i, s in enumerate(self.secrets)}
+
+    def delivered(self) -> list[int]:
+        return [len(ids) for ids in self.ids]
 
 
 def command_fields(user: str, text: str, response_url: str) -> dict[str, str]:
@@ -175,9 +240,11 @@ class BotProcess:
     """`python -m bot serve` in its own process, with the Slack emulator and the probe
     target in this one, so the bot's event loop serves only the bot."""
 
-    def __init__(self, policy: Callable[[str, str], str], tmp: str) -> None:
+    def __init__(self, policy: Callable[[str, str], str], tmp: str,
+                 env: dict[str, str] | None = None) -> None:
         self.policy_for = policy
         self.tmp = Path(tmp)
+        self.extra_env = env or {}
 
     async def start(self) -> BotProcess:
         import os
@@ -207,7 +274,7 @@ class BotProcess:
                "BREAKGLASS_POLICY": str(self.tmp / "policy.toml"),
                "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{self.db_path}",
                "BREAKGLASS_MASTER_KEY": new_master_key(), "BREAKGLASS_HOST": "127.0.0.1",
-               "BREAKGLASS_PORT": str(port)}
+               "BREAKGLASS_PORT": str(port), **self.extra_env}
         self.proc = subprocess.Popen([sys.executable, "-m", "bot", "serve", "--log-level", "ERROR"],
                                      env=env)
         self.url = f"http://127.0.0.1:{port}"

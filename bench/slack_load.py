@@ -1,6 +1,10 @@
 """Ack latency, approval-to-DM latency, and 1,000 concurrent requests (the benchmark suite).
 
-    python bench/slack_load.py [--write-docs] [--requests 1000]
+    python bench/slack_load.py [--write-docs] [--requests 1000] [--webhooks 2]
+
+With `--webhooks N`, the policy has N `[[webhooks]]` entries (receivers on loopback in
+this process, each checking every signature) and the 1,000-request run also waits for
+every webhook event and reports how many arrived, late and doubled.
 
 Three processes on loopback: the bot (`python -m bot serve`), this one (the Slack
 Web API emulator and the probe target), and a load generator. The baseline is a
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (  # noqa: E402
     BotProcess,
     LoadGenerator,
+    WebhookSink,
     click_fields,
     command_fields,
     fire_in_process,
@@ -71,9 +76,20 @@ def n_requests(bot: BotProcess, state: str | None = None) -> int:
     return int(bot.query("SELECT count(*) FROM requests WHERE state = ?", state)[0][0])
 
 
+SINK: WebhookSink | None = None  # --webhooks
+
+
+def with_webhooks(policy: Callable[[str, str], str]) -> Callable[[str, str], str]:
+    if SINK is None:
+        return policy
+    sink = SINK
+    return lambda probe_url, client_secret: policy(probe_url, client_secret) + sink.policy()
+
+
 async def with_bot(policy: Callable[[str, str], str], body: Callable[[BotProcess], Awaitable[None]]) -> None:
     with tempfile.TemporaryDirectory(prefix="bg-bench-") as tmp:
-        bot = await BotProcess(policy, tmp).start()
+        bot = await BotProcess(with_webhooks(policy), tmp,
+                               env=SINK.env() if SINK is not None else None).start()
         try:
             await body(bot)
         finally:
@@ -191,7 +207,7 @@ async def thousand(lines: list[str], n: int) -> None:
         hashes = bot.query("SELECT count(DISTINCT token_hash) FROM requests")[0][0]
         issued_rows = bot.query("SELECT count(*) FROM audit_log WHERE event = 'issued'")[0][0]
         views = len(emu.calls_to("views.open"))
-        backlog = bot.query("SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0]
+        backlog = bot.query("SELECT count(*) FROM outbox WHERE status = 'pending' AND kind != 'webhook'")[0][0]
         dup = max(0, views - n) + (revealed - hashes) + max(0, issued_rows - n)
         lines.extend([
             f"{n} concurrent requests, 2 approvals each, revealed: {elapsed:.1f}s total ("
@@ -200,8 +216,30 @@ async def thousand(lines: list[str], n: int) -> None:
             f"{issued_rows}, reveal modals {views}, duplicates {dup}; channel posts still queued: {backlog}",
             f"target exactly {n} tokens, 0 duplicates, <= 30 s: "
             f"{'met' if revealed == n and dup == 0 and elapsed <= 30 else 'MISSED'}"])
+        if SINK is not None:
+            await webhook_figures(bot, SINK, started, elapsed, lines)
 
     await with_bot(load_policy(n, 10, quorum=2, trigger_timeout="2s"), body)
+
+
+async def webhook_figures(bot: BotProcess, sink: WebhookSink, started: float, elapsed: float,
+                          lines: list[str]) -> None:
+    events = ", ".join(f"'{e}'" for e in sink.EVENTS)
+    want = int(bot.query(f"SELECT count(*) FROM audit_log WHERE event IN ({events})")[0][0])
+    try:
+        await wait_until(lambda: min(sink.delivered()) >= want, 180, "every webhook event")
+    except TimeoutError:
+        pass
+    late = max(sink.last_at) - started if max(sink.last_at) else float("nan")
+    dead = bot.query("SELECT count(*) FROM outbox WHERE kind = 'webhook' AND status = 'dead'")[0][0]
+    lines.extend([
+        f"{sink.n} webhooks: {want} listed events audited; delivered "
+        + ", ".join(str(d) for d in sink.delivered())
+        + f" (distinct ids); repeats {sum(sink.duplicates)}, bad signatures "
+        f"{sink.bad_signatures}, dead letters {dead}; the last arrived {late:.1f}s after the "
+        f"start ({late - elapsed:+.1f}s after the last reveal)",
+        f"target every webhook event delivered once: "
+        f"{'met' if min(sink.delivered()) == want and not sink.bad_signatures else 'MISSED'}"])
 
 
 async def main() -> int:
@@ -209,7 +247,12 @@ async def main() -> int:
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--only", choices=["ack", "dm", "thousand"])
+    parser.add_argument("--webhooks", type=int, default=0,
+                        help="configure this many webhooks (receivers on loopback)")
     args = parser.parse_args()
+    global SINK
+    if args.webhooks:
+        SINK = await WebhookSink(args.webhooks).start()
     lines: list[str] = []
     scenarios = {"ack": ack_latency, "dm": approve_to_dm,
                  "thousand": lambda ls: thousand(ls, args.requests)}
@@ -219,8 +262,13 @@ async def main() -> int:
         before = len(lines)
         await scenario(lines)
         print("\n".join(lines[before:]), flush=True)
+    if SINK is not None:
+        await SINK.stop()
     if args.write_docs:
-        write_section("slack_load", "\n".join(lines), "python bench/slack_load.py --write-docs")
+        name = "slack_load_webhooks" if args.webhooks else "slack_load"
+        command = "python bench/slack_load.py --write-docs" + (
+            f" --webhooks {args.webhooks}" if args.webhooks else "")
+        write_section(name, "\n".join(lines), command)
     return 0
 
 
