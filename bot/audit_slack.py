@@ -35,12 +35,13 @@ from sqlalchemy import select
 
 from . import audit
 from .core import checkpoint
+from .core.events import ALERT
 from .core.policy import Webhook
 from .core.tokens import VerificationKey
+from .governance import alerts
 from .store.db import Database
 from .store.schema import audit_log
 
-ALERT_PREFIX = ":rotating_light:"  # every alert starts so (contract §7.5)
 PAGE = 200  # messages per conversations.history call (Slack's recommended maximum)
 _SCOPES = "channels:history (public channel) or groups:history (private channel)"
 
@@ -209,7 +210,8 @@ def alert_text(lines: Sequence[str], most: int = 5) -> str:
     shown = [f"• {line}" for line in lines[:most]]
     if len(lines) > most:
         shown.append(f"• … and {len(lines) - most} more")
-    return (f"{ALERT_PREFIX} *Audit checkpoint comparison failed*: `breakglass audit verify "
+    """The alert's text (bot.governance.alerts adds the `:rotating_light:` prefix)."""
+    return ("*Audit checkpoint comparison failed*: `breakglass audit verify "
             "--slack` found the audit log no longer matching what the bot published:\n"
             + "\n".join(shown)
             + "\nTreat the database as tampered with until you know why: keep a copy, compare "
@@ -220,7 +222,7 @@ async def post_alert(client: AsyncWebClient, channel: str, lines: Sequence[str])
     """Post the alert to the incident channel from here (cron has no running bot to ask);
     None when posted, else why not."""
     try:
-        await client.chat_postMessage(channel=channel, text=alert_text(lines))
+        await client.chat_postMessage(channel=channel, text=alerts.post_text(alert_text(lines)))
     except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
         return str(_refused("chat.postMessage", channel, exc))
     return None
@@ -274,7 +276,6 @@ async def record_alert(db: Database, audit_key: bytes, target: Target, failed: S
     """The alert as an audit row `alert`; with the policy's webhooks attached, the same
     transaction queues the webhook event `alert` (a running bot sends it). Returns a
     line saying what happened."""
-    from .core.alerts import CHECKPOINT_MISMATCH
     from .delivery.webhooks import WebhookConfigError, Webhooks
 
     hooks = None
@@ -288,12 +289,13 @@ async def record_alert(db: Database, audit_key: bytes, target: Target, failed: S
             note = f"; the webhook event alert is queued for {len(target.webhooks)} webhook(s)"
     else:
         note = ""
-    details = {"kind": CHECKPOINT_MISMATCH, "channel": target.channel,
-               "first_bad_seq": first_bad_seq, "problems": list(failed[:20])}
+    details = {"kind": alerts.CHECKPOINT_MISMATCH, "text": alert_text(failed),
+               "channel": target.channel, "first_bad_seq": first_bad_seq,
+               "problems": list(failed[:20])}
     try:
         async with db.transaction() as conn:
-            seq = await audit.append(conn, audit_key, at=now, actor="breakglass", event="alert",
-                                     details=details)
+            seq = await audit.append(conn, audit_key, at=now, actor=alerts.ACTOR,
+                                     event=ALERT, details=details)
     except Exception as exc:  # noqa: BLE001 - a damaged database must not hide the finding
         return f"alert not recorded in the audit log ({type(exc).__name__}){note}"
     finally:
@@ -319,5 +321,5 @@ def summary(report: Report) -> str:
             f"sequence {latest.seq}{at}, {since}")
 
 
-__all__ = ["ALERT_PREFIX", "PAGE", "Posted", "Report", "SlackUnusable", "Target", "alert_text",
+__all__ = ["PAGE", "Posted", "Report", "SlackUnusable", "Target", "alert_text",
            "bot_user", "check", "compare", "make_client", "post_alert", "read_checkpoints", "summary"]
