@@ -457,3 +457,26 @@ async def test_the_example_receiver_checks_signatures_and_drops_repeats(make_box
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_an_event_audited_by_another_process_is_sent_by_the_bot(make_box, receivers):
+    """A CLI command attaches the webhooks without their secrets (Webhooks.enqueue_only);
+    what it audits is sent, signed, by the running bot."""
+    from bot.delivery.webhooks import Webhooks
+    from bot.store.db import Database
+
+    receiver = await receivers()
+    box = await make_box((receiver, ["revoked"]))
+    other = Database(box.database_url)  # another process's connection pool
+    try:
+        Webhooks.enqueue_only(box.bot.policy.webhooks).attach(other)
+        async with other.transaction() as conn:
+            await audit.append(conn, box.bot.audit_key, at=box.bot.clock.now(), actor="operator",
+                               event="revoked", details={"scope": "payments-write", "via": "cli"})
+    finally:
+        await other.dispose()
+    box.bot.dispatcher.wake()
+    await box.settle()
+    [event] = receiver.delivered()
+    assert event["actor"] == "operator" and event["details"]["via"] == "cli"
+    assert receiver.signature_ok(receiver.received[0])

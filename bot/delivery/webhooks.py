@@ -182,6 +182,17 @@ class Webhooks:
         self._by_lane: dict[str, Target] = {}
         self.configure(hooks, env)
 
+    @classmethod
+    def enqueue_only(cls, hooks: Sequence[Webhook]) -> Webhooks:
+        """For a CLI command that audits (and never sends): the entries without their
+        secrets, which it does not need; the serving bot signs each event as it sends it.
+        `attach` it to the command's database so its audit rows reach the webhooks."""
+        self = cls([], {})
+        self.targets = [Target(lane_of(h.url), h.url, h.format, frozenset(h.events), None, None,
+                               h.timeout.total_seconds()) for h in hooks]
+        self._by_lane = {}  # nothing to send with
+        return self
+
     def configure(self, hooks: Sequence[Webhook], env: Mapping[str, str]) -> None:
         """Take a (reloaded) policy's entries; on WebhookConfigError nothing changes."""
         targets = resolve(hooks, env)
@@ -224,12 +235,15 @@ class Webhooks:
         if target is None:
             raise outbox.Dead(f"webhook {url} is no longer in the policy")
         if target.format == "pagerduty":
-            assert target.routing_key is not None
+            if target.routing_key is None:
+                raise outbox.Retry("no routing key in this process")
             data: Mapping[str, Any] = pagerduty_body(event, target.routing_key)
         else:
             data = event
         body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if target.secret is None and target.format == "breakglass":
+            raise outbox.Retry("no signing secret in this process")  # never sent unsigned
         if target.secret is not None:
             timestamp = str(int(time.time()))
             headers["X-Breakglass-Timestamp"] = timestamp
