@@ -451,6 +451,12 @@ async def _db(args: argparse.Namespace) -> int:
         await db.dispose()
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="breakglass", description="Emergency (break-glass) access from Slack: short-lived, "
@@ -537,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "when there is none (nothing is created).",
                   ("BREAKGLASS_POLICY", "BREAKGLASS_DATABASE_URL"))
     dr.add_argument("--json", action="store_true", help="print JSON instead of text")
-    dr.add_argument("--limit", type=int, default=50, help="most recent drills shown (50)")
+    dr.add_argument("--limit", type=_at_least_one, default=50, help="most recent drills shown (50)")
     dr.set_defaults(func=cmd_drills)
     b = _command(sub, "db", "the database schema (Alembic migrations)",
                  "The database schema. `breakglass serve` creates a missing schema and refuses "

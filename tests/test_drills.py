@@ -316,6 +316,8 @@ async def test_breakglass_drills_with_no_drills(make_box: MakeBox, policy_extra:
         assert "db-admin (never)" in result.stdout
     else:
         assert "[drills] every is not set" in result.stdout
+    bad = await asyncio.to_thread(run_cli, box, "drills", "--limit", "0")
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
 
 
 async def test_drill_expiry_and_restart_keep_it_a_drill(make_box: MakeBox) -> None:
