@@ -24,9 +24,11 @@ token is worked out once and kept:
   service wakes the outbox after every committed change; the introspector
   listens there, see `_on_state_change`). So a token revoked *in this process*
   (Slack `/breakglass revoke`, `POST /oauth2/revoke`, policy reconciliation) is
-  inactive for the very next introspection, and a token revoked by *another*
-  bot process on the same database is inactive here within `REVALIDATE_AFTER`
-  (1 s).
+  inactive for the very next introspection, and a token revoked or expired by
+  *another* bot process on the same database is dropped from this cache within
+  `store.closures.POLL_EVERY` (40 ms): the closing transaction appends the
+  token's hash to `token_closures`, which every process polls (`closed`). The
+  re-read after `REVALIDATE_AFTER` (1 s) is the backstop.
   A token whose state was read more than `REFRESH_AHEAD` ago is read again in
   the background, so requests do not wait for that read in steady state.
 * **Uses.** The first active introspection of a token (per process) writes its
@@ -66,7 +68,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -188,6 +190,12 @@ class Introspector:
     def forget(self, token_hash: str) -> None:
         """Drop one token from the cache (it was revoked here)."""
         self._cache.pop(token_hash, None)
+
+    def closed(self, token_hashes: Sequence[str]) -> None:
+        """Tokens revoked or expired by any process (store/closures.py): dropped, so the
+        next introspection of one reads its row and answers inactive."""
+        for digest in token_hashes:
+            self._cache.pop(digest, None)
 
     def invalidate(self) -> None:
         """Make every cached token be read again before its next active answer."""

@@ -36,6 +36,8 @@ from .service import Service
 from .slack import identity, intake
 from .slack.app import PooledRespond, build_app
 from .slack.handlers import Handlers
+from .store import closures
+from .store.closures import ClosureFeed
 from .store.db import Database
 from .store.replay import ReplayGuard
 from .triggers import Prober
@@ -127,8 +129,11 @@ class Runtime:
                                         "scopes": sorted(self.policy.scopes),
                                         "kid": self.keyring.current.kid})
         await self.service.reconcile_policy()
+        self.closures = ClosureFeed(self.db, self.introspector.closed)
+        await self.closures.start()
         self._loops = [asyncio.create_task(self.dispatcher.run(self._stop)),
-                       asyncio.create_task(self._sweep_loop())]
+                       asyncio.create_task(self._sweep_loop()),
+                       asyncio.create_task(self.closures.run(self._stop))]
         if self.identity is None:
             self._loops.append(asyncio.create_task(self._identity_loop()))
 
@@ -272,6 +277,7 @@ class Runtime:
                 rounds += 1
                 if rounds % 60 == 0:
                     await self.replay_guard.prune()
+                    await closures.prune(self.db, self.clock.now())
             except Exception:  # noqa: BLE001 - keep sweeping
                 log.exception("sweep failed")
             with contextlib.suppress(TimeoutError):

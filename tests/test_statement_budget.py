@@ -102,6 +102,7 @@ async def quiet_box(tmp_path: Path) -> Sandbox:
     box = Sandbox(directory=tmp_path, sweep_interval=3600.0)
     await box.start()
     box.bot.dispatcher.poll_interval = 3600.0
+    box.bot.closures.poll_every = 3600.0  # nor the poll for other processes' revocations
     await asyncio.sleep(0.1)  # the first sweep, which runs at start
     box.bot.dispatcher.wake()  # the poll in progress ends; the next one is an hour away
     await box.settle()

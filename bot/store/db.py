@@ -48,6 +48,7 @@ class Database:
             path = self.engine.url.database
             assert path is not None
             self._checkpointer = sqlite_driver.Checkpointer(path)
+            self._wal = sqlite_driver.WalSync(path)
 
     async def create_schema(self) -> None:
         """The newest schema, by migration (store/migrate.py); an empty database gets it all,
@@ -79,6 +80,7 @@ class Database:
                 await conn.close()
             assert self._checkpointer is not None
             self._checkpointer.wrote()
+        await self._wal.sync()  # durable before anyone acts on it; outside the lock: shared fsyncs
 
     async def _begin_immediate(self) -> AsyncConnection:
         """A connection holding SQLite's write lock; while another process holds it,

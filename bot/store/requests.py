@@ -12,6 +12,7 @@ from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..core.domain import Request, State, TriggerResult
+from . import closures
 from .schema import decisions, requests
 
 
@@ -128,12 +129,17 @@ async def transition(
     The WHERE on state is the lock: of two concurrent transitions, one
     matches a row and the other matches none.
     """
+    src = tuple(src)
     result = await conn.execute(
         update(requests)
         .where(and_(requests.c.id == request_id, requests.c.state.in_([s.value for s in src])))
         .values(state=dst.value, version=requests.c.version + 1, **values)
     )
-    return bool(result.rowcount == 1)
+    moved_ = bool(result.rowcount == 1)
+    if moved_ and dst in _CLOSING and State.REVEALED in src:
+        # Every process's introspection cache hears of it (store/closures.py).
+        await closures.record(conn, request_id, values.get("closed_at") or datetime.now(UTC))
+    return moved_
 
 
 def moved(req: Request, dst: State, **values: Any) -> Request:
@@ -161,6 +167,7 @@ def moved(req: Request, dst: State, **values: Any) -> Request:
 
 _FIELDS = frozenset({"closed_at", "closed_by", "jti", "kid", "issued_at", "token_expires_at",
                      "revealed_at", "escalated_at", "warned_at"})
+_CLOSING = frozenset({State.REVOKED, State.EXPIRED})
 _NOT_FIELDS = frozenset({"token_hash"})  # stored, never part of a Request
 
 

@@ -198,3 +198,14 @@ alert_counters = Table(
     Column("count", Integer, nullable=False, default=0),
     Column("last_at", DateTime(timezone=True)),
 )
+
+# Tokens that stopped being valid (revoked or expired), in order: every process polls this
+# to drop them from its introspection cache, so a revocation made by one replica holds in
+# every replica within `store.closures.POLL_EVERY`. Rows are pruned after `closures.KEEP`.
+token_closures = Table(
+    "token_closures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("token_hash", Text, nullable=False),
+    Column("closed_at", DateTime(timezone=True), nullable=False),
+)
