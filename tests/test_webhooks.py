@@ -14,6 +14,7 @@ import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -480,3 +481,15 @@ async def test_an_event_audited_by_another_process_is_sent_by_the_bot(make_box, 
     [event] = receiver.delivered()
     assert event["actor"] == "operator" and event["details"]["via"] == "cli"
     assert receiver.signature_ok(receiver.received[0])
+
+
+def test_retry_after_takes_seconds_or_an_http_date():
+    from email.utils import format_datetime
+
+    from bot.delivery.webhooks import _retry_after
+
+    assert _retry_after("7") == 7.0 and _retry_after(None) is None and _retry_after("soon") is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= (_retry_after(later) or 0) <= 30
+    earlier = format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)
+    assert _retry_after(earlier) == 0.0
