@@ -24,6 +24,7 @@ from . import preflight
 from .config import ConfigError, Settings
 from .core.kdf import MasterKeyError, check_master_key, new_master_key
 from .core.policy import Policy, PolicyError, load_policy
+from .core.policy_warnings import policy_warnings
 
 if TYPE_CHECKING:
     from . import audit_slack
@@ -87,6 +88,12 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         return 2
     print(f"{path}: OK")
     print(policy.summary())
+    warnings = policy_warnings(policy)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if warnings:
+        print(f"{path}: valid, with {len(warnings)} warning(s): the bot starts with it, but "
+              "check each", file=sys.stderr)
     return 0
 
 
@@ -114,6 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Exit(2, "\n".join(problems))
     policy, text = _policy_or_exit(policy_path)
     setup_logging(level)
+    for warning in policy_warnings(policy):
+        log.warning("policy %s: %s", policy_path, warning)
     return asyncio.run(_serve(settings, policy, text))
 
 

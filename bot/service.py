@@ -548,14 +548,16 @@ class Service:
 
     # -- revoke and expiry -------------------------------------------------------
 
-    async def revoke(self, request_id: str, actor: str, *, via: str = "slack") -> Request:
-        """Revoke a token, or cancel a pending request. Slack users: requester or approvers."""
+    async def revoke(self, ref: str, actor: str, *, via: str = "slack") -> Request:
+        """Revoke a token, or cancel a pending request. Slack users: requester or approvers.
+        `ref` is the request ID (any case) or the token's jti (exactly as in the token)."""
         async with self.db.read() as conn:
-            req = await store.load(conn, request_id)
+            request_id = await store.find_grant_id(conn, ref)
+            req = await store.load(conn, request_id) if request_id else None
         if req is None:
             raise Refusal("unknown_request", "There is no request or token "
-                          f"`{blocks.escape(request_id)}`. "
-                          "`/breakglass status` lists yours.")
+                          f"`{blocks.escape(ref)}`: give the request ID (like R7K2QX9P) or "
+                          "the token's jti. `/breakglass status` lists yours.")
         scope = self.policy.scope_named(req.scope)
         if via == "slack" and actor != req.requester:
             allowed = await self.approvers(scope) if scope else frozenset()

@@ -21,6 +21,7 @@ __all__ = [
     "DRILL_REASON",
     "EXAMPLE",
     "MAX_REASON_LENGTH",
+    "NOT_SCOPE_WORDS",
     "RESERVED_WORDS",
     "USAGE",
     "Command",
@@ -47,6 +48,14 @@ MAX_REASON_LENGTH = 500
 #: First words that are subcommands, so they can never be scope names.
 RESERVED_WORDS = frozenset({"help", "scopes", "status", "revoke", "drill"})
 
+#: First words people type meaning a subcommand that does not exist (or asking for help):
+#: answered with the usage, never read as a scope name (so no scope may be called so).
+NOT_SCOPE_WORDS = frozenset({
+    "list", "ls", "show", "get", "mine", "my", "me", "info", "usage", "version", "commands",
+    "request", "requests", "new", "cancel", "approve", "deny", "token", "?", "h", "-h",
+    "--help", "man", "whoami", "history",
+})
+
 #: The reason of a drill started without one.
 DRILL_REASON = "drill"
 
@@ -65,7 +74,8 @@ USAGE = "\n".join(
         "• `/breakglass` – open a form with the same fields",
         "• `/breakglass scopes` – the scopes you may request, with their live trigger state",
         "• `/breakglass status` – your pending requests and active tokens",
-        "• `/breakglass revoke ID` – revoke a token or cancel a request",
+        "• `/breakglass revoke ID` – revoke a token or cancel a request "
+        "(ID: the request ID, or the token's jti)",
         "• `/breakglass drill SCOPE [REASON…]` – rehearse the whole flow for SCOPE; "
         "approvers approve as for real, and the token works for no service",
         "• `/breakglass help` – this message",
@@ -79,7 +89,10 @@ class CommandError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Help:
-    """``/breakglass help``: show :data:`USAGE`."""
+    """``/breakglass help``: show :data:`USAGE`. ``unknown`` is the word typed when it was
+    none of the subcommands but one of :data:`NOT_SCOPE_WORDS` (``/breakglass list``)."""
+
+    unknown: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,12 +236,14 @@ def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN) -
         if len(args) != 1:
             what = "Say which token or request to revoke" if not args else "Revoke one ID at a time"
             raise CommandError(
-                f"{what}: `/breakglass revoke ID`, with the ID from the token message, "
-                "the approval card or `/breakglass status`."
+                f"{what}: `/breakglass revoke ID`, with the request ID from the token "
+                "message, the approval card or `/breakglass status`, or the token's jti."
             )
         return Revoke(target=args[0])
     if keyword == "drill":
         return _drill(args, incident_pattern)
+    if keyword in NOT_SCOPE_WORDS:
+        return Help(unknown=first)
 
     scope = keyword
     if not args:

@@ -40,6 +40,9 @@ def command_ack(parsed: Command | CommandError) -> dict[str, Any]:
         text = escape(str(parsed))
     elif isinstance(parsed, commands.Help):
         text = commands.USAGE
+        if parsed.unknown is not None:
+            text = (f"`{escape(parsed.unknown)}` is not a /breakglass command, and no scope is "
+                    f"called so. Here is what there is:\n{text}")
     elif isinstance(parsed, commands.OpenModal):
         return {}
     elif isinstance(parsed, commands.ListScopes):

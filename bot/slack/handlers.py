@@ -146,7 +146,7 @@ class Handlers:
         return "\n".join(lines)
 
     async def _revoke_text(self, target: str, user: str) -> str:
-        req = await self.service.revoke(target.upper(), user)
+        req = await self.service.revoke(target, user)  # a jti keeps its case
         done = "cancelled" if req.issued_at is None else "revoked"
         return f":octagonal_sign: {req.id} (`{req.scope}`) {done}."
 

@@ -273,6 +273,19 @@ async def mark_escalated(conn: AsyncConnection, request_id: str, at: datetime) -
     return bool(result.rowcount == 1)
 
 
+async def find_grant_id(conn: AsyncConnection, ref: str) -> str | None:
+    """The request a person or a relying service means by `ref`: its request ID (in any
+    case, as people type it) or its token's `jti` (exactly as in the token: a jti is
+    base64url, so its case matters). None when neither matches."""
+    ref = ref.strip()
+    if not ref:
+        return None
+    row = (await conn.execute(
+        select(requests.c.id).where(or_(requests.c.id == ref.upper(), requests.c.jti == ref))
+        .limit(1))).first()
+    return str(row[0]) if row else None
+
+
 async def find_by_hash(conn: AsyncConnection, token_hash: str) -> Request | None:
     row = (await conn.execute(select(requests.c.id).where(requests.c.token_hash == token_hash))).first()
     return await load(conn, row[0]) if row else None
