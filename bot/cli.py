@@ -363,10 +363,10 @@ def cmd_drills(args: argparse.Namespace) -> int:
 async def _drills(args: argparse.Namespace) -> int:
     from .governance import drills
 
-    policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
     db = await _existing_db(_db_url())
     now = datetime.now(UTC)
     try:
+        policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
         async with db.read() as conn:
             past = await drills.history(conn, args.limit)
             due = await drills.overdue(conn, policy, now)
@@ -441,6 +441,10 @@ async def _db(args: argparse.Namespace) -> int:
     from .store.db import DEFAULT_URL, Database
 
     url = os.environ.get("BREAKGLASS_DATABASE_URL") or DEFAULT_URL
+    # `current` reads: it never creates a database; `upgrade` may create one where serve could.
+    check = preflight.existing_database if args.db_cmd == "current" else preflight.database_to_create
+    if (problem := check(url)) is not None:
+        raise Exit(2, problem)
     db = Database(url)
     try:
         if args.db_cmd == "current":
