@@ -542,3 +542,43 @@ async def test_state_and_messages_commit_together_and_a_restart_resumes(tmp_path
         assert sum("*issued*" in m.text for m in emu.messages(INCIDENT)) == 1
     finally:
         await box.stop()
+
+
+# ------------------------------------------------- posts that name another message
+
+
+async def test_a_thread_reply_and_a_link_wait_for_the_message_they_name(world: World) -> None:
+    """`thread_key` and `link_key` are resolved at send time: while the named message's
+    own post is pending (here failing twice, in another lane), the row waits for it."""
+    world.emu.fail(POST, 500, times=2)
+    async with world.db.transaction() as conn:
+        await outbox.enqueue_many(conn, [
+            outbox.post_row(now(), "C1", "card", key="card:R9"),
+            outbox.post_row(now(), "U0DIRECTOR", "please decide", lane="dm:U0DIRECTOR",
+                            link_key="card:R9", link_text="Open R9"),
+            outbox.post_row(now(), "C1", "reminder", lane="reminders", thread_key="card:R9"),
+        ])
+    assert await world.dispatcher().drain(5) == 0
+    card = next(m for m in world.emu.messages("C1") if m.text == "card")
+    reminder = next(m for m in world.emu.messages("C1") if m.text == "reminder")
+    assert reminder.thread_ts == card.ts and card.thread_ts is None
+    [dm] = world.emu.messages("U0DIRECTOR")
+    assert dm.text == f"please decide\n<{world.emu.permalink('C1', card.ts)}|Open R9>"
+    assert [c.params["message_ts"] for c in world.emu.calls_to("chat.getPermalink")] == [card.ts]
+    done = await rows(world.db)
+    assert {r["status"] for r in done} == {"sent"}
+    # The card's first post failed (no other row could post before it): both waited.
+    assert [r["attempts"] >= 2 for r in done] == [True, True, True]
+
+
+async def test_a_post_naming_a_message_never_posted_goes_out_without_it(world: World) -> None:
+    async with world.db.transaction() as conn:
+        await outbox.enqueue_many(conn, [
+            outbox.post_row(now(), "C1", "reminder", thread_key="card:NONE"),
+            outbox.post_row(now(), "U0X", "hello", lane="dm:U0X", link_key="card:NONE"),
+        ])
+    assert await world.dispatcher().drain(5) == 0
+    [reminder] = world.emu.messages("C1")
+    assert reminder.thread_ts is None
+    assert [m.text for m in world.emu.messages("U0X")] == ["hello"]
+    assert world.emu.calls_to("chat.getPermalink") == []
