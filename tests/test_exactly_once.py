@@ -4,11 +4,8 @@ Slack retries and byte-identical replays never issue twice or act twice."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
-import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,9 +13,9 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jwt
 import pytest
+from helpers import ServeProcess, base_env, query
 from sqlalchemy import func, select
 
 from bot import audit
@@ -200,67 +197,8 @@ def _form() -> dict[str, str]:
 # --------------------------------------------------------------------------- two processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServeProcess:
-    """`python -m bot serve` as a child process."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.env = {**env, "BREAKGLASS_PORT": str(self.port), "BREAKGLASS_HOST": "127.0.0.1"}
-        self.log_path = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, timeout: float = 30.0) -> None:
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "bot", "serve"], env=self.env, stdout=self._log,
-            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"serve exited with {self.proc.returncode}: "
-                                       f"{self.log_path.read_text()[-2000:]}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(self.url + "/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise TimeoutError(f"serve did not answer /healthz: {self.log_path.read_text()[-2000:]}")
-
-    async def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.terminate()
-        try:
-            return await asyncio.to_thread(self.proc.wait, 20)
-        finally:
-            self._log.close()
-
-
-def base_env(tmp_path: Path, emu: SlackEmulator, policy: str, token: str, secret: str,
-             master: str) -> dict[str, str]:
-    policy_path = tmp_path / "breakglass.toml"
-    policy_path.write_text(policy)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BREAKGLASS_", "SLACK_"))}
-    env.update({
-        "SLACK_BOT_TOKEN": token, "SLACK_SIGNING_SECRET": secret, "SLACK_API_URL": emu.api_url,
-        "BREAKGLASS_POLICY": str(policy_path), "BREAKGLASS_MASTER_KEY": master,
-        "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'breakglass.db'}",
-    })
-    return env
-
-
-async def test_two_serve_processes_on_one_sqlite_file_issue_once(tmp_path: Path) -> None:
+async def test_two_serve_processes_on_one_database_issue_once(tmp_path: Path,
+                                                             empty_database_url: str) -> None:
     token, secret, master = "xoxb-" + os.urandom(8).hex(), os.urandom(16).hex(), new_master_key()
     emu = SlackEmulator(bot_token=token)
     probes = ProbeTarget()
@@ -269,7 +207,7 @@ async def test_two_serve_processes_on_one_sqlite_file_issue_once(tmp_path: Path)
     for user, name in PEOPLE.items():
         emu.set_user(user, name=name.split()[0])
     env = base_env(tmp_path, emu, sandbox_policy(probes.url, "s3cret", extra=crowd_policy(7)),
-                   token, secret, master)
+                   token, secret, master, empty_database_url)
     a = ServeProcess(env, tmp_path / "a.log")
     b = ServeProcess(env, tmp_path / "b.log")
     try:
@@ -297,12 +235,12 @@ async def test_two_serve_processes_on_one_sqlite_file_issue_once(tmp_path: Path)
         assert len(emu.responses) == 1 + 50 - 7
 
         assert await a.stop() == 0 and await b.stop() == 0
-        with contextlib.closing(sqlite3.connect(tmp_path / "breakglass.db")) as db:
-            events = [e for (e,) in db.execute(
-                "SELECT event FROM audit_log WHERE request_id = ? ORDER BY seq", (rid,))]
-            jtis = db.execute("SELECT jti FROM requests WHERE jti IS NOT NULL").fetchall()
-            n_decisions = db.execute("SELECT count(*) FROM decisions").fetchone()[0]
-            pending = db.execute("SELECT count(*) FROM outbox WHERE status != 'sent'").fetchone()[0]
+        url = empty_database_url
+        events = [e for (e,) in await query(
+            url, "SELECT event FROM audit_log WHERE request_id = :r ORDER BY seq", r=rid)]
+        jtis = await query(url, "SELECT jti FROM requests WHERE jti IS NOT NULL")
+        [(n_decisions,)] = await query(url, "SELECT count(*) FROM decisions")
+        [(pending,)] = await query(url, "SELECT count(*) FROM outbox WHERE status != 'sent'")
         assert events.count("issued") == 1 and events.count("approved") == 7
         assert events.count("refused") == 50 - 7
         assert len(jtis) == 1 and n_decisions == 7 and pending == 0
@@ -318,14 +256,16 @@ async def test_two_serve_processes_on_one_sqlite_file_issue_once(tmp_path: Path)
         await emu.stop()
 
 
-async def test_audit_chain_holds_after_two_processes_wrote_it(tmp_path: Path) -> None:
+async def test_audit_chain_holds_after_two_processes_wrote_it(tmp_path: Path,
+                                                              empty_database_url: str) -> None:
     """Two processes appending at once keep one gapless chain (BEGIN IMMEDIATE + triggers)."""
     token, secret, master = "xoxb-" + os.urandom(8).hex(), os.urandom(16).hex(), new_master_key()
     emu = SlackEmulator(bot_token=token)
     probes = ProbeTarget()
     await emu.start()
     await probes.start()
-    env = base_env(tmp_path, emu, sandbox_policy(probes.url, "s3cret"), token, secret, master)
+    env = base_env(tmp_path, emu, sandbox_policy(probes.url, "s3cret"), token, secret, master,
+                   empty_database_url)
     a = ServeProcess(env, tmp_path / "a.log")
     b = ServeProcess(env, tmp_path / "b.log")
     try:
@@ -342,10 +282,9 @@ async def test_audit_chain_holds_after_two_processes_wrote_it(tmp_path: Path) ->
             subprocess.run, [sys.executable, "-m", "bot", "audit", "verify"], env=env,
             capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
-        with contextlib.closing(sqlite3.connect(tmp_path / "breakglass.db")) as db:
-            seqs = [s for (s,) in db.execute("SELECT seq FROM audit_log ORDER BY seq")]
-            refused = db.execute(
-                "SELECT count(*) FROM audit_log WHERE event = 'refused'").fetchone()[0]
+        seqs = [s for (s,) in await query(empty_database_url, "SELECT seq FROM audit_log ORDER BY seq")]
+        [(refused,)] = await query(empty_database_url,
+                                   "SELECT count(*) FROM audit_log WHERE event = 'refused'")
         assert seqs == list(range(1, len(seqs) + 1)) and refused == 40
     finally:
         await a.stop()
