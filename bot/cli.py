@@ -145,6 +145,9 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     except (OSError, SQLAlchemyError) as exc:
         await _close_db(rt)
         raise Exit(2, preflight.open_failed(settings.database_url, exc)) from None
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        # SIGHUP: reload the policy file and the signing keys (contract §7.3, §7.7).
+        loop.add_signal_handler(signal.SIGHUP, rt.on_sighup)
     try:
         port = await rt.serve_http()
     except OSError as exc:
@@ -221,11 +224,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return asyncio.run(_keys(args))
 
 
+def operator_actor() -> str:
+    """Who ran an operator command, for the audit log: `os:` and the OS user name."""
+    import getpass
+
+    try:
+        return f"os:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no user name (a container's bare uid)
+        return f"os:uid-{os.getuid()}" if hasattr(os, "getuid") else "os:unknown"
+
+
 async def _keys(args: argparse.Namespace) -> int:
-    from .keys import KeyRing, WrongMasterKey
+    from . import audit, outbox
+    from .alert_post import alert_event, alert_row
+    from .core.alerts import KEY_ROTATED, MASTER_KEY_ROTATED
+    from .delivery.webhooks import WebhookConfigError, Webhooks
+    from .keys import AUDIT_KEY_NAME, KeyRing, WrongMasterKey, sealed_secret
     from .store.db import Database
 
     url, master = _db_and_master()
+    policy_path = os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml"
     old = ""
     if args.keys_cmd == "rotate-master":
         old = os.environ.get("BREAKGLASS_OLD_MASTER_KEY", "")
@@ -238,6 +256,30 @@ async def _keys(args: argparse.Namespace) -> int:
             message = str(exc).replace("BREAKGLASS_MASTER_KEY", "BREAKGLASS_OLD_MASTER_KEY")
             raise Exit(2, message) from None
     if args.keys_cmd == "rotate":
+        policy: Policy | None = _policy_or_exit(policy_path)[0]
+    else:
+        # The alert needs the incident channel; an emergency master rotation does not
+        # wait for a readable policy (it is audited either way).
+        try:
+            policy = load_policy(policy_path)
+        except PolicyError as exc:
+            policy = None
+            print(f"breakglass: warning: no alert posted ({exc.errors[0]}); the rotation is "
+                  "audited", file=sys.stderr)
+    actor = operator_actor()
+    audit_key = b""
+
+    async def record(conn: Any, now: datetime, event: str, details: dict[str, Any],
+                     kind: str, text: str) -> None:
+        """The operation's audit row and its alert (§7.5): an `alert` audit row (which the
+        policy's webhooks receive) and the incident post, in the rotation's transaction."""
+        await audit.append_many(conn, audit_key, [
+            audit.AuditEvent(at=now, actor=actor, event=event, details=details),
+            alert_event(now, actor, kind, text.replace("`", ""))])
+        if policy is not None:
+            await outbox.enqueue_many(conn, [alert_row(now, policy.slack.incident_channel, text)])
+
+    if args.keys_cmd == "rotate":
         if (problem := preflight.database_to_create(url)) is not None:
             raise Exit(2, problem)
         db = Database(url)
@@ -245,16 +287,43 @@ async def _keys(args: argparse.Namespace) -> int:
         db = await _existing_db(url)  # re-encrypting the keys of no database is a mistake
     try:
         await db.create_schema()
+        if policy is not None and policy.webhooks:
+            try:
+                Webhooks(policy.webhooks, os.environ).attach(db)
+            except WebhookConfigError as exc:
+                print(f"breakglass: warning: webhooks not told ({exc})", file=sys.stderr)
         now = datetime.now(UTC)
         if args.keys_cmd == "rotate":
-            policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
-            ring = await KeyRing.open(db, master, policy.tokens.algorithm, now)
-            kid = await ring.rotate(db, now)
+            assert policy is not None
+            alg = policy.tokens.algorithm
+            ring = await KeyRing.open(db, master, alg, now)
+            audit_key = await sealed_secret(db, master, AUDIT_KEY_NAME)
+            previous = ring.current.kid
+
+            async def record_rotation(conn: Any, kid: str) -> None:
+                await record(conn, now, "key_rotated",
+                             {"kid": kid, "previous": previous, "alg": alg}, KEY_ROTATED,
+                             f"signing key rotated by `{actor}`: `{kid}` signs new tokens; "
+                             f"tokens signed by `{previous}` keep verifying until they expire.")
+
+            kid = await ring.rotate(db, now, record=record_rotation)
             print(f"new signing key {kid} is current; older keys stay in JWKS until their "
-                  "tokens expire")
+                  "tokens expire; running `breakglass serve` processes pick it up within 10 s")
         else:
-            n = await KeyRing.rotate_master(db, old, master)
-            print(f"re-encrypted {n} signing key(s) under the new master key")
+            audit_key = await sealed_secret(db, old, AUDIT_KEY_NAME)
+
+            async def record_master(conn: Any, count: str) -> None:
+                await record(conn, now, "master_key_rotated", {"keys": int(count)},
+                             MASTER_KEY_ROTATED,
+                             f"master key rotated by `{actor}`: {count} signing key(s) "
+                             "re-encrypted. Running `breakglass serve` processes keep working "
+                             "with the keys they hold; restart each with the new "
+                             "BREAKGLASS_MASTER_KEY.")
+
+            n = await KeyRing.rotate_master(db, old, master, record=record_master)
+            print(f"re-encrypted {n} signing key(s) under the new master key; restart each "
+                  "running `breakglass serve` with the new BREAKGLASS_MASTER_KEY (they keep "
+                  "working until then, see docs/operations.md)")
     except WrongMasterKey as exc:
         raise Exit(2, str(exc)) from None
     finally:

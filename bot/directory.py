@@ -1,48 +1,106 @@
 """Who is in a policy group: static members plus a Slack user group, resolved live.
 
-User group lookups are cached briefly; when Slack cannot answer, the last
-known list is used and, failing that, only the static members count: a Slack
-outage never widens who may ask or approve.
+A user group's members are asked of Slack (`usergroups.users.list`) at most once
+per `ttl` (60 s). When Slack cannot answer, membership is never assumed:
+
+* an answer Slack gave less than `max_age` (10 minutes) ago is still used;
+* an older one, or none, counts as "not a member", and the group is reported as
+  *unconfirmed* (`Membership.unconfirmed`), so an approval or a request can be
+  refused with "could not confirm your membership of sre-leads; try again"
+  instead of "you are not an approver".
+
+The periodic re-check of live grants (`membership.MembershipRecheck`) revokes a
+grant only on a confirmed answer that its holder left: `Membership.confirmed` is
+False while any of the groups was answered from an old cache or not at all, and
+then nothing is revoked.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from slack_sdk.web.async_client import AsyncWebClient
 
+from .core.clock import Clock, SystemClock
 from .core.policy import Policy
+from .live_policy import LivePolicy
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TTL = timedelta(seconds=60)
+MAX_AGE = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class Membership:
+    members: frozenset[str]
+    unconfirmed: tuple[str, ...] = ()
+    """Policy groups whose Slack user group could not be read within `max_age`."""
+    stale: tuple[str, ...] = ()
+    """Policy groups answered from a cache older than `ttl` (Slack failed just now)."""
+
+    @property
+    def confirmed(self) -> bool:
+        """Slack answered for every group just now (or no group needs Slack)."""
+        return not self.unconfirmed and not self.stale
+
 
 class Directory:
-    def __init__(self, policy: Policy, client: AsyncWebClient | None, ttl: float = 60.0) -> None:
-        self.policy = policy
+    def __init__(self, policy: Policy | LivePolicy, client: AsyncWebClient | None,
+                 ttl: timedelta = DEFAULT_TTL, *, max_age: timedelta = MAX_AGE,
+                 clock: Clock | None = None) -> None:
+        self.live = LivePolicy.of(policy)
         self.client = client
         self.ttl = ttl
-        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self.max_age = max_age
+        self.clock = clock or SystemClock()
+        self._cache: dict[str, tuple[datetime, frozenset[str]]] = {}
+
+    @property
+    def policy(self) -> Policy:
+        return self.live.policy
 
     async def members(self, groups: Iterable[str]) -> frozenset[str]:
-        groups = tuple(groups)
-        found = set(self.policy.static_members(groups))
-        for usergroup in self.policy.usergroups(groups):
-            found |= await self._usergroup(usergroup)
-        return frozenset(found)
+        """Everyone confirmed to be in one of `groups`."""
+        return (await self.resolve(groups)).members
 
-    async def _usergroup(self, usergroup: str) -> frozenset[str]:
+    async def resolve(self, groups: Iterable[str], *, fresh: bool = False) -> Membership:
+        """Members of `groups`, and which groups could not be confirmed. `fresh`: ask
+        Slack even when the cached answer is younger than `ttl`."""
+        groups = tuple(groups)
+        policy = self.policy
+        found = set(policy.static_members(groups))
+        unconfirmed: list[str] = []
+        stale: list[str] = []
+        for name in groups:
+            group = policy.groups.get(name)
+            if group is None or not group.usergroup:
+                continue
+            users, state = await self._usergroup(group.usergroup, fresh)
+            found |= users
+            if state == "unconfirmed":
+                unconfirmed.append(name)
+            elif state == "stale":
+                stale.append(name)
+        return Membership(frozenset(found), tuple(unconfirmed), tuple(stale))
+
+    async def _usergroup(self, usergroup: str, fresh: bool) -> tuple[frozenset[str], str]:
+        now = self.clock.now()
         cached = self._cache.get(usergroup)
-        if cached and time.monotonic() - cached[0] < self.ttl:
-            return cached[1]
-        if self.client is None:
-            return cached[1] if cached else frozenset()
-        try:
-            resp = await self.client.usergroups_users_list(usergroup=usergroup)
-            users = frozenset(str(u) for u in resp.get("users") or [])
-        except Exception as exc:  # noqa: BLE001 - degrade to what we know
-            log.warning("could not resolve user group %s: %s", usergroup, exc)
-            return cached[1] if cached else frozenset()
-        self._cache[usergroup] = (time.monotonic(), users)
-        return users
+        if cached and not fresh and now - cached[0] < self.ttl:
+            return cached[1], "fresh"
+        if self.client is not None:
+            try:
+                resp = await self.client.usergroups_users_list(usergroup=usergroup)
+                users = frozenset(str(u) for u in resp.get("users") or [])
+            except Exception as exc:  # noqa: BLE001 - Slack failed: fall back below
+                log.warning("could not resolve user group %s: %s", usergroup, exc)
+            else:
+                self._cache[usergroup] = (self.clock.now(), users)
+                return users, "fresh"
+        if cached and now - cached[0] <= self.max_age:
+            return cached[1], "stale"
+        return frozenset(), "unconfirmed"

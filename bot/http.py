@@ -227,7 +227,8 @@ async def healthz(request: web.Request) -> web.Response:
     rt: Runtime = request.app[RUNTIME]
     db_ok = await rt.db.ping()
     body = {"status": "ok" if db_ok else "unavailable", "database": db_ok,
-            "mode": "socket" if rt.settings.socket_mode else "http"}
+            "mode": "socket" if rt.settings.socket_mode else "http",
+            "signing_keys": rt.key_watch.status, "policy_sha256": rt.live.sha256}
     return web.json_response(body, status=200 if db_ok else 503)
 
 

@@ -84,6 +84,7 @@ from .core.errors import Refusal
 from .core.policy import Client, Policy
 from .governance import alerts
 from .keys import KeyRing
+from .live_policy import LivePolicy
 from .service import Service
 from .slack import blocks
 from .store import requests as store
@@ -157,10 +158,11 @@ class _Timed:
 
 
 class Introspector:
-    def __init__(self, service: Service, keyring: KeyRing, policy: Policy, clock: Clock) -> None:
+    def __init__(self, service: Service, keyring: KeyRing, policy: Policy | LivePolicy,
+                 clock: Clock) -> None:
         self.service = service
         self.keyring = keyring
-        self.policy = policy
+        self.live = LivePolicy.of(policy)
         self.clock = clock
         self.rejections: Counter[str] = Counter()
         self.reloads = 0
@@ -180,6 +182,10 @@ class Introspector:
         # listen there so that a revocation in this process is seen at once.
         self._wake_outbox: Callable[[], None] = service.wake_outbox
         service.wake_outbox = self._on_state_change
+
+    @property
+    def policy(self) -> Policy:
+        return self.live.policy
 
     # -- cache invalidation ----------------------------------------------------
 

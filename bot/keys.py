@@ -16,8 +16,9 @@ their own.
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +49,10 @@ KDF_PURPOSE = "signing-keys"
 NONCE_SIZE = 12
 KID_PREFIX = "bg-"
 DEFAULT_JWKS_LEEWAY = timedelta(seconds=60)
+
+# Called inside a rotation's transaction with its connection and the new kid (or the
+# number of keys re-encrypted): the caller's audit row and alert commit with the rotation.
+Record = Callable[[AsyncConnection, str], Awaitable[None]]
 
 # Serialises key creation/rotation between processes on PostgreSQL. SQLite
 # needs nothing extra: every transaction there starts with BEGIN IMMEDIATE.
@@ -194,6 +199,9 @@ class KeyRing:
         self._aead = aead
         self._current: SigningKey | None = None
         self._verification: dict[str, VerificationKey] = {}
+        # Keys in the database this process cannot decrypt: they were re-encrypted
+        # (`keys rotate-master`) or made under a master key it was not started with.
+        self.unreadable: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         kid = self._current.kid if self._current else None
@@ -226,10 +234,30 @@ class KeyRing:
         return ring
 
     async def reload(self, db: Database, now: datetime | None = None) -> None:
-        """Pick up keys another process created or rotated."""
-        await self._load(db, now or datetime.now(UTC))
+        """Pick up keys another process created or rotated. A key this process cannot
+        decrypt (the master key was rotated since it started) is left out and named in
+        `unreadable`; the keys it holds in memory keep working (docs/operations.md)."""
+        await self._load(db, now or datetime.now(UTC), tolerant=True)
 
-    async def _load(self, db: Database, now: datetime) -> None:
+    @property
+    def master_outdated(self) -> bool:
+        """Some key in the database does not decrypt under this process's master key."""
+        return bool(self.unreadable)
+
+    async def use_algorithm(self, db: Database, alg: str, now: datetime) -> None:
+        """Sign with `alg` from now on (the policy's `tokens.algorithm` changed): its
+        newest key becomes current, made first if there is none."""
+        if alg not in ALGORITHMS:
+            raise ValueError(f"unsupported signing algorithm {alg!r}")
+        previous = self.alg
+        self.alg = alg
+        try:
+            await self._load(db, now, tolerant=False)
+        except BaseException:
+            self.alg = previous
+            raise
+
+    async def _load(self, db: Database, now: datetime, tolerant: bool = False) -> None:
         async with db.read() as conn:
             rows = await _rows(conn)
         if _newest_current(rows, self.alg) is None:
@@ -240,7 +268,7 @@ class KeyRing:
                     self._check_master(rows)  # never add a key under a different master
                     await _insert_new(conn, self._aead, self.alg, now)
                     rows = await _rows(conn)
-        self._install(rows)
+        self._install(rows, tolerant=tolerant)
 
     def _check_master(self, rows: Sequence[_Row]) -> None:
         """Before adding a key: every row must decrypt under our master key, so that
@@ -249,17 +277,29 @@ class KeyRing:
         for row in rows:
             _decrypt(self._aead, row.kid, row.private_enc)
 
-    def _install(self, rows: Sequence[_Row]) -> None:
+    def _install(self, rows: Sequence[_Row], tolerant: bool = False) -> None:
+        """Make `rows` the key ring. `tolerant`: a row that does not decrypt under this
+        process's master key is skipped (and named in `unreadable`) instead of failing
+        the whole load; the current key stays the one in memory if the new one is such
+        a row."""
         chosen = _newest_current(rows, self.alg)
         if chosen is None:  # pragma: no cover - _load/rotate always leave one
             raise RuntimeError(f"no current {self.alg} signing key in the database")
         verification: dict[str, VerificationKey] = {}
         current: SigningKey | None = None
+        unreadable: set[str] = set()
         for row in rows:
             known = self._verification.get(row.kid)
+            if tolerant:
+                try:
+                    _decrypt(self._aead, row.kid, row.private_enc)
+                except WrongMasterKey:
+                    unreadable.add(row.kid)
             if row.kid == chosen.kid:
                 if self._current is not None and self._current.kid == row.kid:
                     current = self._current
+                elif row.kid in unreadable:
+                    continue
                 else:
                     current = _open_row(self._aead, row)
                 verification[row.kid] = current.verification_key
@@ -267,15 +307,22 @@ class KeyRing:
                 load_public_pem(row.public_pem)
             ):
                 verification[row.kid] = known
-            else:
+            elif row.kid not in unreadable:
                 verification[row.kid] = _verification_key(self._aead, row)
-        assert current is not None
+        if current is None:
+            # The new current key is one this process cannot open: keep signing with
+            # the key it holds (still valid everywhere: retired keys verify while their
+            # tokens live) until it is restarted with the new master key.
+            current = self.current
+            verification.setdefault(current.kid, current.verification_key)
         self._current = current
         self._verification = verification
+        self.unreadable = frozenset(unreadable)
 
-    async def rotate(self, db: Database, now: datetime) -> str:
+    async def rotate(self, db: Database, now: datetime, record: Record | None = None) -> str:
         """Make a new current key; every key in use so far is retired (it still
-        verifies, and stays in the JWKS while tokens it signed live)."""
+        verifies, and stays in the JWKS while tokens it signed live). `record(conn, kid)`
+        runs in the same transaction (the audit row and the alert)."""
         at = _utc(now)
         async with db.transaction() as conn:
             await _lock(conn)
@@ -286,6 +333,8 @@ class KeyRing:
                 .values(retired_at=at)
             )
             kid = await _insert_new(conn, self._aead, self.alg, at)
+            if record is not None:
+                await record(conn, kid)
             rows = await _rows(conn)
         self._install(rows)
         return kid
@@ -323,9 +372,11 @@ class KeyRing:
         return {"keys": keys}
 
     @classmethod
-    async def rotate_master(cls, db: Database, old_master: str, new_master: str) -> int:
+    async def rotate_master(cls, db: Database, old_master: str, new_master: str,
+                            record: Record | None = None) -> int:
         """Re-encrypt every private key under `new_master`, in one transaction: all
-        rows or none. Raises WrongMasterKey when `old_master` does not decrypt them."""
+        rows or none. Raises WrongMasterKey when `old_master` does not decrypt them.
+        `record(conn, n)` runs in the same transaction (the audit row and the alert)."""
         check_master_key(new_master)
         old, new = _aead(old_master), _aead(new_master)
         async with db.transaction() as conn:
@@ -346,7 +397,23 @@ class KeyRing:
                     .where(sealed_secrets.c.name == name)
                     .values(blob=_encrypt(new, _SEALED_AAD + name, value))
                 )
+            if record is not None:
+                await record(conn, str(len(rows)))
         return len(rows)
+
+
+async def fingerprint(db: Database) -> str:
+    """Changes whenever a key is added, retired or re-encrypted (`keys rotate`,
+    `keys rotate-master`): what a running process polls to notice either."""
+    digest = hashlib.sha256()
+    async with db.read() as conn:
+        result = await conn.execute(
+            select(signing_keys.c.kid, signing_keys.c.retired_at, signing_keys.c.private_enc)
+            .order_by(signing_keys.c.kid))
+        for kid, retired_at, blob in result:
+            digest.update(f"{kid}|{retired_at}|".encode())
+            digest.update(bytes(blob))
+    return digest.hexdigest()
 
 
 _SEALED_AAD = "sealed:"
@@ -395,5 +462,5 @@ async def _sealed_secret(db: Database, master_key: str, name: str, *, create: bo
     return _decrypt(aead, _SEALED_AAD + name, blob)
 
 
-__all__ = ["KeyIntegrityError", "KeyRing", "WrongMasterKey", "existing_sealed_secret", "new_kid",
-           "sealed_secret", "verification_keys"]
+__all__ = ["KeyIntegrityError", "KeyRing", "WrongMasterKey", "existing_sealed_secret", "fingerprint",
+           "new_kid", "sealed_secret", "verification_keys"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,8 +29,12 @@ from .directory import Directory
 from .foreground import Foreground
 from .http import SLACK_SIGNATURE, build_web_app
 from .introspection import Introspector
+from .key_watch import KeyWatch
 from .keys import AUDIT_KEY_NAME, KeyRing, sealed_secret
+from .live_policy import LivePolicy
+from .membership import MembershipRecheck
 from .outbox import Dispatcher
+from .policy_reload import PolicyReloader, ReloadResult
 from .service import Service
 from .slack import identity, intake
 from .slack.app import PooledRespond, build_app
@@ -71,11 +74,11 @@ class Runtime:
                  checkpoint_gather: timedelta = GATHER) -> None:
         self.settings = settings
         self.env = os.environ if env is None else env  # where [[webhooks]] secrets are read
-        self.policy = policy
+        # The one holder of the running policy: every component reads it from here.
+        self.live = LivePolicy(policy, policy_text)
         self.clock = clock or SystemClock()
         self.sweep_interval = sweep_interval
         self.checkpoint_gather = checkpoint_gather  # a security event's checkpoint waits this long
-        self.policy_hash = hashlib.sha256(policy_text.encode()).hexdigest()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
@@ -89,6 +92,32 @@ class Runtime:
         # them every request together may hold (slack/intake.py).
         self.slack_body_timeout = intake.BODY_TIMEOUT
         self.slack_body_budget = intake.BodyBudget()
+
+    @property
+    def policy(self) -> Policy:
+        return self.live.policy
+
+    @property
+    def policy_hash(self) -> str:
+        return self.live.sha256
+
+    async def reload_policy(self, text: str, *, force: bool = False) -> ReloadResult:
+        """Apply a new policy (contract §7.3); refused, and nothing changes, if it does
+        not validate. The file watcher and SIGHUP come through the same reloader."""
+        return await self.reloader.reload_text(text, source="<reload_policy>", trigger="api",
+                                               force=force)
+
+    def on_sighup(self) -> None:
+        """SIGHUP: reload the policy file and the signing keys now."""
+        self._start(self._sighup())
+
+    async def _sighup(self) -> None:
+        log.info("SIGHUP: reloading the policy file and the signing keys")
+        try:
+            await self.key_watch.check(force=True)
+        except Exception:  # noqa: BLE001 - the policy reload still runs
+            log.exception("could not reload the signing keys")
+        await self.reloader.reload_file(trigger="sighup", force=True)
 
     async def start(self) -> None:
         s = self.settings
@@ -109,14 +138,18 @@ class Runtime:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         self.client = slack_client(s, self.http)
         self.prober = Prober()
-        self.directory = Directory(self.policy, self.client)
+        self.directory = Directory(self.live, self.client, clock=self.clock)
         self.dispatcher: Dispatcher
-        self.service = Service(self.db, self.policy, self.keyring, self.directory, self.prober,
+        self.service = Service(self.db, self.live, self.keyring, self.directory, self.prober,
                                self.clock, self.audit_key, wake_outbox=lambda: self.dispatcher.wake())
         self.dispatcher = Dispatcher(self.db, self.client, self.clock, self.service.materialise_dm,
                                      yield_to=self.foreground.wait,
                                      senders={WEBHOOK_KIND: self.webhooks.sender(self.http)})
-        self.introspector = Introspector(self.service, self.keyring, self.policy, self.clock)
+        self.introspector = Introspector(self.service, self.keyring, self.live, self.clock)
+        self.membership = MembershipRecheck(self.service, self.directory, self.foreground.wait)
+        self.reloader = PolicyReloader(self)
+        self.key_watch = KeyWatch(self.db, self.keyring, self.clock)
+        await self.key_watch.start()
         self.replay_guard = ReplayGuard(self.db, self.clock)
         self.handlers = Handlers(self.service, self.client, self.spawn)
         self.bolt = build_app(self.handlers, self.client, s.signing_secret, self.http)
@@ -133,7 +166,10 @@ class Runtime:
         await self.closures.start()
         self._loops = [asyncio.create_task(self.dispatcher.run(self._stop)),
                        asyncio.create_task(self._sweep_loop()),
-                       asyncio.create_task(self.closures.run(self._stop))]
+                       asyncio.create_task(self.closures.run(self._stop)),
+                       asyncio.create_task(self.membership.run(self._stop)),
+                       asyncio.create_task(self.reloader.watch(self._stop)),
+                       asyncio.create_task(self.key_watch.run(self._stop))]
         if self.identity is None:
             self._loops.append(asyncio.create_task(self._identity_loop()))
 

@@ -26,6 +26,7 @@ from .core.policy import Policy, Scope
 from .directory import Directory
 from .governance import alerts, drills, escalation, expiry, refusals
 from .keys import KeyRing
+from .live_policy import LivePolicy
 from .outbox import Rendered
 from .slack import blocks
 from .store import requests as store
@@ -100,7 +101,7 @@ class Service:
     def __init__(
         self,
         db: Database,
-        policy: Policy,
+        policy: Policy | LivePolicy,
         keyring: KeyRing,
         directory: Directory,
         prober: Prober,
@@ -109,7 +110,7 @@ class Service:
         wake_outbox: Callable[[], None] = lambda: None,
     ) -> None:
         self.db = db
-        self.policy = policy
+        self.live = LivePolicy.of(policy)
         self.keyring = keyring
         self.directory = directory
         self.prober = prober
@@ -121,6 +122,11 @@ class Service:
         self._scopes: dict[str, str] = {}
 
     # -- helpers -----------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        """The running policy (read it once per decision: a reload may swap it)."""
+        return self.live.policy
 
     @property
     def reviewer_channel(self) -> str:
@@ -232,7 +238,10 @@ class Service:
                           "(a Slack token or a JWT). Remove it and send the request again; "
                           "nothing was recorded. If it is a real token, rotate it: it was "
                           "sent to Slack.")
-        if user not in await self.directory.members(scope.requesters):
+        requesters = await self.directory.resolve(scope.requesters)
+        if user not in requesters.members and requesters.unconfirmed:
+            raise unconfirmed_membership(requesters.unconfirmed)
+        if user not in requesters.members:
             raise await self._refuse(user, Refusal(
                 "not_a_requester",
                 f"You are not in a group allowed to request `{scope_name}` "
@@ -369,9 +378,17 @@ class Service:
         scope = self.policy.scope_named(scope_name)
         if scope is None:
             raise Refusal("scope_removed", f"The scope of {request_id} is no longer in the policy.")
-        approvers = await self.approvers(scope)  # may ask Slack: outside the transaction
-        fallback = await self.fallback_approvers(scope)
+        # May ask Slack: outside the transaction. A membership Slack cannot confirm
+        # (no answer within the last 10 minutes) is not assumed.
+        membership = await self.directory.resolve(scope.approvers)
+        approvers = membership.members
+        backup = await self.directory.resolve(scope.fallback_approvers)
+        fallback = backup.members
+        unconfirmed = membership.unconfirmed + backup.unconfirmed
         decision = "approve" if approve else "deny"
+        if user not in approvers and user not in fallback and unconfirmed:
+            raise await self._refuse(user, unconfirmed_membership(unconfirmed),
+                                     {"action": decision}, request_id)
         now = self.clock.now()
         refusal: Refusal | None = None
         async with self._write() as w:
@@ -594,10 +611,11 @@ class Service:
         self.wake_outbox()
         return req
 
-    def _close_token(self, w: _Writes, req: Request, scope: Scope | None) -> None:
+    def _close_token(self, w: _Writes, req: Request, scope: Scope | None,
+                     why: str | None = None) -> None:
         """Card to its final state, and the DM edited so no token text stays in Slack."""
         self._card(w, req, scope)
-        text, dm_blocks = blocks.dm_closed(req)
+        text, dm_blocks = blocks.dm_closed(req, why)
         w.rows.append(outbox.update_row(self.clock.now(), dm_key(req.id),
                                         dm_lane(req.requester), text, dm_blocks))
 
@@ -646,43 +664,13 @@ class Service:
         return 1
 
     async def reconcile_policy(self) -> int:
-        """At start: a live token whose grant the current policy no longer covers is revoked."""
-        async with self.db.read() as conn:
-            live = await store.load_many(conn, store.live_tokens(), limit=100_000)
-        revoked = 0
-        for req in live:
-            why = self._outlived(req)
-            if why is None:
-                continue
-            now = self.clock.now()
-            async with self._write() as w:
-                if not await store.transition(w.conn, req.id, [State.ISSUED, State.REVEALED],
-                                              State.REVOKED, closed_at=now, closed_by="policy"):
-                    continue
-                cur = await _reload(w.conn, req.id)
-                self._audit(w, "policy", "revoked", {"scope": cur.scope, "why": why}, cur.id,
-                            drill=cur.drill)
-                self._close_token(w, cur, self.policy.scope_named(cur.scope))
-                self._incident(w, blocks.incident_revoked(cur) + f" ({why})")
-            revoked += 1
-        if revoked:
-            self.wake_outbox()
-        return revoked
+        """A live token whose grant the running policy no longer covers is revoked, and a
+        pending request for a scope that is gone is cancelled (at start and after every
+        reload: `reconcile.reconcile_policy`). Returns how many changed."""
+        from .reconcile import reconcile_policy
 
-    def _outlived(self, req: Request) -> str | None:
-        scope = self.policy.scope_named(req.scope)
-        if scope is None:
-            return f"scope {req.scope} was removed from the policy"
-        grant = req.extra.get("grant") or {}
-        audience = tokens.DRILL_AUDIENCE if req.drill else scope.audience
-        if grant.get("audience") != audience:
-            return f"the audience of {req.scope} changed"
-        if not set(grant.get("permissions", [])) <= set(scope.permissions):
-            return f"the permissions of {req.scope} were narrowed"
-        ceiling, _ = self.policy.effective_ttl(scope, req.ttl)
-        if ceiling < req.ttl:
-            return f"the maximum lifetime of {req.scope} was lowered"
-        return None
+        done = await reconcile_policy(self)
+        return done.revoked + done.cancelled
 
     # -- queries -----------------------------------------------------------------
 
@@ -716,6 +704,12 @@ async def _reload(conn: AsyncConnection, request_id: str) -> Request:
     req = await store.load(conn, request_id)
     assert req is not None
     return req
+
+
+def unconfirmed_membership(groups: Sequence[str]) -> Refusal:
+    return Refusal("membership_unconfirmed",
+                   f"Slack did not answer, so I could not confirm your membership of "
+                   f"{', '.join(groups)}; try again in a minute. Nothing was changed.")
 
 
 def _fmt(td: timedelta) -> str:

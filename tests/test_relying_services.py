@@ -461,7 +461,7 @@ async def test_no_use_is_lost_on_clean_shutdown(tmp_path: Path, monkeypatch: Any
 
 async def test_second_process_rotation_and_revocation(tmp_path: Path, database_url: str) -> None:
     """Two bot processes on one database: keys rotated with the CLI, a token revealed
-    by the second, introspected by the first (which reloads its keys), revoked by
+    by the second, introspected by the first (which has reloaded its keys), revoked by
     the second (the first's cache sees it within REVALIDATE_AFTER)."""
     async with Sandbox(directory=tmp_path, database_url=database_url) as box:
         _, old_token = await get_token(box)
@@ -484,10 +484,11 @@ async def test_second_process_rotation_and_revocation(tmp_path: Path, database_u
                 rid, token = await get_token(box, "payments-write 20m INC-9 second replica",
                                              sender=sender)
                 assert jwt.get_unverified_header(token)["kid"] == new_kid
-                assert new_kid not in box.bot.keyring.verification_keys
-
+                # The first process has the new key from its key watcher (every 2 s), or
+                # reloads on the unknown kid: either way the token verifies at once.
                 assert (await introspect(box, token))[2]["active"] is True
-                assert box.bot.introspector.reloads == 1
+                reloads = box.bot.introspector.reloads
+                assert reloads <= 1
                 assert box.bot.keyring.current.kid == new_kid
                 _, keyset = await get_jwks(box)
                 assert [k["kid"] for k in keyset["keys"]] == [new_kid, old_kid]
@@ -496,7 +497,7 @@ async def test_second_process_rotation_and_revocation(tmp_path: Path, database_u
                                     headers={"kid": "bg-nosuchkey0000", "typ": "at+jwt"})
                 for _ in range(5):
                     assert (await introspect(box, forged))[2] == {"active": False}
-                assert box.bot.introspector.reloads == 1
+                assert box.bot.introspector.reloads <= reloads + 1
 
                 await sender.command(ALICE, f"revoke {rid}")
                 await other.idle()

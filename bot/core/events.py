@@ -30,6 +30,10 @@ WEBHOOK_EVENTS: dict[str, str] = {
     "drills_due": "once a day: the scopes not rehearsed within [drills] every",
     "expiry_warned": "the requester was warned that the token expires soon",
     "started": "a bot process started",
+    "policy_reloaded": "a running process applied a changed policy (SIGHUP or file change)",
+    "policy_refused": "a changed policy did not validate; the running one stayed",
+    "key_rotated": "`breakglass keys rotate` made a new signing key current",
+    "master_key_rotated": "`breakglass keys rotate-master` re-encrypted the signing keys",
 }
 
 ALWAYS_SENT = frozenset({"checkpoint"})

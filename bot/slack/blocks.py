@@ -215,10 +215,11 @@ def dm_token_message(req: Request, token: str) -> tuple[str, Blocks]:
     return text, blocks
 
 
-def dm_closed(req: Request) -> tuple[str, Blocks]:
+def dm_closed(req: Request, why: str | None = None) -> tuple[str, Blocks]:
     what = "revoked" if req.state is State.REVOKED else "expired"
-    by = f" by <@{req.closed_by}>" if req.state is State.REVOKED and req.closed_by else ""
-    text = tag(req, f"Your break-glass token for {req.scope} ({req.id}) {what}{by}. "
+    by = f" by {_actor(req.closed_by)}" if req.state is State.REVOKED and req.closed_by else ""
+    because = f" ({_escape(why)})" if why else ""
+    text = tag(req, f"Your break-glass token for {req.scope} ({req.id}) {what}{by}{because}. "
                     "The token was removed.")
     return text, [_section(f":lock: {text}")]
 
@@ -289,7 +290,7 @@ def incident_denied(req: Request) -> str:
 
 def incident_cancelled(req: Request) -> str:
     return tag(req, f":leftwards_arrow_with_hook: *cancelled* {_ref(req)}: `{req.scope}` "
-            f"by <@{req.closed_by}>")
+            f"by {_actor(req.closed_by)}")
 
 
 def incident_revoked(req: Request) -> str:
@@ -375,4 +376,14 @@ def _actor(actor: str | None) -> str:
         return f"relying service `{actor.removeprefix('client:')}`"
     if actor.startswith("policy"):
         return "a policy change"
+    if actor == "membership":
+        return "the group membership check"
     return f"<@{actor}>"
+
+
+def incident_bulk_revoked(reqs: Sequence[Request], actor: str, why: str) -> str:
+    """One incident post for many grants revoked at once for one reason (a reload
+    that ends thousands of grants must not flood the channel post by post)."""
+    ids = ", ".join(_ref(r) for r in reqs)
+    return (f":octagonal_sign: *revoked* {len(reqs)} tokens by {_actor(actor)} "
+            f"({_escape(why)}): {ids}")

@@ -1,0 +1,318 @@
+"""Live policy and live membership (contract §7.3), in one process: the real bot over
+loopback HTTP and the Slack emulator, the policy swapped with `Runtime.reload_policy`.
+What a real `serve` does on SIGHUP and on a file change is in test_live_serve.py.
+
+- a reload that removes a scope revokes its live grants (DM edited, incident post,
+  introspection inactive) and cancels its pending requests; narrowed permissions,
+  a changed audience and a lowered ceiling revoke with their reasons;
+- a policy that does not validate is refused: the running one keeps working, the
+  refusal is an incident-channel alert and an audit row;
+- every component reads the new policy (no stale copy);
+- two Runtimes on one database reloading at once revoke each grant once;
+- the membership re-check revokes a grant whose holder left the Slack user group,
+  and does not when Slack fails;
+- an approval whose membership Slack cannot confirm within 10 minutes is refused
+  with "could not confirm your membership of sre-leads; try again".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+from helpers import timed
+from sqlalchemy import func, select
+from test_flow import JWT_RE, approve, click, content, dm, incident, request, reveal, row
+
+from bot.core.clock import ManualClock
+from bot.runtime import Runtime
+from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, Sandbox
+from bot.store.schema import audit_log
+
+SCOPE_BLOCK_START = "[scopes.payments-write]"
+
+
+def without_payments(text: str) -> str:
+    """The policy with the payments-write scope (and the client that needs it) removed."""
+    start = text.index(SCOPE_BLOCK_START)
+    end = text.index("[scopes.db-admin]")
+    text = text[:start] + text[end:]
+    start = text.index("[clients.payments-api]")
+    end = text.index("\n\n", text.index("audiences", start))
+    return text[:start] + text[end:]
+
+
+async def introspect(box: Sandbox, token: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{box.url}/oauth2/introspect", data={"token": token},
+                          headers=basic(box)) as r:
+            return dict(await r.json())
+
+
+def basic(box: Sandbox) -> dict[str, str]:
+    raw = f"payments-api:{box.client_secret}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+async def audited(box: Sandbox, event: str, rid: str | None = None) -> list[Any]:
+    async with box.bot.db.read() as conn:
+        q = select(audit_log).where(audit_log.c.event == event)
+        if rid is not None:
+            q = q.where(audit_log.c.request_id == rid)
+        return list((await conn.execute(q.order_by(audit_log.c.seq))).all())
+
+
+async def live_grant(box: Sandbox) -> tuple[str, str]:
+    """ALICE's payments-write grant, approved by BOB and CAROL and revealed."""
+    _, rid = await request(box)
+    await approve(box, rid, BOB, CAROL)
+    return rid, await reveal(box, rid)
+
+
+async def test_reload_that_removes_a_scope_revokes_and_cancels(sandbox: Sandbox) -> None:
+    box = sandbox
+    rid, token = await live_grant(box)
+    assert (await introspect(box, token))["active"] is True
+    _, pending = await request(box, BOB, "payments-write 20m INC-7 second pair of hands")
+
+    result = await box.bot.reload_policy(without_payments(box.policy_text))
+    await box.settle()
+
+    assert (result.outcome, result.revoked, result.cancelled) == ("reloaded", 1, 1)
+    assert (await row(box, rid)).state == "revoked"
+    assert (await row(box, pending)).state == "cancelled"
+    # The DM that carried the token says why, and no token text stays in Slack.
+    text = content(dm(box, rid))
+    assert "revoked by a policy change" in text and "payments-write was removed" in text
+    assert not any(JWT_RE.search(v.text) for v in dm(box, rid).history)
+    posts = incident(box, "revoked", rid)
+    assert posts and "scope payments-write was removed from the policy" in posts[0]
+    assert incident(box, "cancelled", pending)
+    assert any(pending in m.text and "cancelled" in m.text for m in box.emulator.messages(BOB))
+    why = json.loads((await audited(box, "revoked", rid))[0].details)
+    assert why["why"] == "scope payments-write was removed from the policy"
+    assert (await audited(box, "revoked", rid))[0].actor == "policy"
+    reloaded = await audited(box, "policy_reloaded")
+    assert json.loads(reloaded[-1].details)["removed"] == ["payments-write"]
+    # Every component reads the new policy: a request for the removed scope is refused
+    # as unknown (service), the modal lists only db-admin (handlers), the HTTP layer
+    # no longer knows the removed client.
+    resp = await timed(box.slack.command(ALICE, "payments-write 10m INC-9 again"))
+    await box.settle()
+    assert "There is no scope `payments-write`" in json.dumps(resp.json) + json.dumps(
+        [r.body for r in box.emulator.responses if r.url == resp.response_url])
+    assert box.bot.service.policy is box.bot.policy is box.bot.directory.policy
+    assert box.bot.introspector.policy is box.bot.policy
+    assert box.bot.handlers.service.policy is box.bot.policy
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{box.url}/oauth2/introspect", data={"token": token},
+                          headers=basic(box)) as r:
+            assert r.status == 401  # the client went with its scope
+
+
+async def test_narrowed_grants_are_revoked_with_their_reason(sandbox: Sandbox) -> None:
+    box = sandbox
+    narrowed, token = await live_grant(box)
+    assert (await introspect(box, token))["active"] is True
+    text = box.policy_text.replace('permissions = ["payments:read", "payments:write"]',
+                                   'permissions = ["payments:read"]')
+    result = await box.bot.reload_policy(text)
+    await box.settle()
+    assert result.revoked == 1
+    assert "the permissions of payments-write were narrowed" in incident(box, "revoked", narrowed)[0]
+    assert (await introspect(box, token)) == {"active": False}
+
+    # Lower the ceiling under what a fresh 30m grant has left: revoked; a grant with
+    # less left than the new ceiling would stay.
+    lowered, _ = await live_grant(box)
+    text2 = text.replace('max_ttl = "30m"', 'max_ttl = "10m"')
+    result = await box.bot.reload_policy(text2)
+    await box.settle()
+    assert result.revoked == 1 and (await row(box, lowered)).state == "revoked"
+    assert "maximum lifetime of payments-write was lowered to 10m" in incident(
+        box, "revoked", lowered)[0]
+
+    # A reload that changes nothing a grant relies on revokes nothing.
+    kept, _ = await live_grant(box)
+    result = await box.bot.reload_policy(text2.replace("Write access", "Write access (v2)"))
+    assert (result.outcome, result.revoked) == ("reloaded", 0)
+    assert (await row(box, kept)).state == "revealed"
+
+
+async def test_invalid_policy_is_refused_and_the_running_one_stays(sandbox: Sandbox) -> None:
+    box = sandbox
+    before = box.bot.policy
+    bad = box.policy_text.replace("quorum = 2", "quorum = 9").replace(
+        'audience = "db-api"', 'audience = "<!channel>"')
+    result = await box.bot.reload_policy(bad)
+    await box.settle()
+    assert result.outcome == "refused"
+    assert any("quorum: 9 exceeds" in e for e in result.errors)
+    assert box.bot.policy is before
+    alerts = [m.text for m in box.emulator.messages(INCIDENT) if m.text.startswith(":rotating_light:")]
+    assert len(alerts) == 1 and "policy reload refused" in alerts[0]
+    assert "scopes.payments-write.quorum" in alerts[0]
+    assert "<!channel>" not in alerts[0]  # escaped: the refusal never pings anyone
+    refused = await audited(box, "policy_refused")
+    assert json.loads(refused[0].details)["sha256"] == result.sha256
+    alert = json.loads((await audited(box, "alert"))[0].details)
+    assert alert["kind"] == "reload_refused" and "quorum" in alert["text"]
+    # The same bad policy again: refused again, but alerted once.
+    assert (await box.bot.reload_policy(bad)).outcome == "refused"
+    await box.settle()
+    assert len([m for m in box.emulator.messages(INCIDENT)
+                if m.text.startswith(":rotating_light:")]) == 1
+    # The running policy still works end to end.
+    rid, token = await live_grant(box)
+    assert (await introspect(box, token))["active"] is True
+    assert (await row(box, rid)).state == "revealed"
+    # Not TOML at all: refused too.
+    assert (await box.bot.reload_policy("[slack\nnot toml")).outcome == "refused"
+
+
+async def test_two_processes_reloading_revoke_each_grant_once(sandbox: Sandbox) -> None:
+    box = sandbox
+    grants = [(await live_grant(box))[0] for _ in range(3)]
+    second = Runtime(box.settings, box.bot.policy, policy_text=box.policy_text,
+                     sweep_interval=0.2)
+    await second.start()
+    try:
+        new = without_payments(box.policy_text)
+        first_result, second_result = await asyncio.gather(
+            box.bot.reload_policy(new), second.reload_policy(new))
+        assert first_result.revoked + second_result.revoked == 3
+        await second.dispatcher.drain(5)
+        await box.settle()
+    finally:
+        await second.stop(drain_seconds=2)
+    for rid in grants:
+        assert len(await audited(box, "revoked", rid)) == 1
+        assert len(incident(box, "revoked", rid)) == 1
+    assert len(await audited(box, "policy_reloaded")) == 2  # each process reloaded
+    reloaded_posts = [m for m in box.emulator.messages(INCIDENT) if "*policy reloaded*" in m.text]
+    assert len(reloaded_posts) == 1  # announced once
+
+
+async def test_many_grants_are_announced_in_one_post_per_batch(sandbox: Sandbox) -> None:
+    box = sandbox
+    grants = [(await live_grant(box))[0] for _ in range(5)]
+    await box.bot.reload_policy(without_payments(box.policy_text))
+    await box.settle()
+    bulk = [m.text for m in box.emulator.messages(INCIDENT) if "*revoked* 5 tokens" in m.text]
+    assert len(bulk) == 1 and all(rid in bulk[0] for rid in grants)
+    for rid in grants:  # each holder's DM is still edited
+        assert "revoked by a policy change" in content(dm(box, rid))
+
+
+# ----------------------------------------------------------------- live membership
+
+
+def with_usergroups(text: str, recheck: str = "1s") -> str:
+    """oncall and sre-leads also resolved live from Slack user groups."""
+    text = text.replace('[groups.oncall]\nmembers = ["U0ALICE", "U0BOB"]',
+                        '[groups.oncall]\nmembers = ["U0BOB"]\nusergroup = "S0ONCALL"')
+    text = text.replace('[groups.sre-leads]\nmembers = ["U0BOB", "U0CAROL", "U0DAVE"]',
+                        '[groups.sre-leads]\nmembers = ["U0DAVE"]\nusergroup = "S0LEADS"')
+    assert "S0ONCALL" in text and "S0LEADS" in text
+    return text + f'\n[alerts]\nmembership_recheck = "{recheck}"\n'
+
+
+async def test_membership_recheck_revokes_when_the_holder_left(sandbox: Sandbox) -> None:
+    box = sandbox
+    box.emulator.set_usergroup("S0ONCALL", [ALICE])
+    box.emulator.set_usergroup("S0LEADS", [BOB, CAROL])
+    assert (await box.bot.reload_policy(with_usergroups(box.policy_text))).outcome == "reloaded"
+    rid, token = await live_grant(box)
+    rounds = box.bot.membership.rounds
+
+    # Slack fails for a while: nothing is revoked on a failure.
+    box.emulator.fail("usergroups.users.list", status=500, times=1000)
+    deadline = time.monotonic() + 10
+    while box.bot.membership.rounds < rounds + 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert (await row(box, rid)).state == "revealed"
+
+    # Slack answers again, and ALICE is no longer in the user group: revoked.
+    box.emulator._faults.clear()  # noqa: SLF001 - the emulator's fault queue
+    box.emulator.set_usergroup("S0ONCALL", [])
+    deadline = time.monotonic() + 10
+    while (await row(box, rid)).state != "revoked":
+        assert time.monotonic() < deadline, "not revoked by the membership re-check"
+        await asyncio.sleep(0.1)
+    await box.settle()
+    post = incident(box, "revoked", rid)[0]
+    assert "no longer in any requester group of payments-write (oncall)" in post
+    assert "the group membership check" in post
+    assert "no longer in any requester group" in content(dm(box, rid))
+    assert (await introspect(box, token)) == {"active": False}
+    assert (await audited(box, "revoked", rid))[0].actor == "membership"
+
+
+async def test_static_member_removed_by_reload_is_revoked(sandbox: Sandbox) -> None:
+    box = sandbox
+    rid, _ = await live_grant(box)
+    text = box.policy_text.replace('members = ["U0ALICE", "U0BOB"]', 'members = ["U0BOB"]')
+    result = await box.bot.reload_policy(text)
+    assert result.revoked == 1 and (await row(box, rid)).state == "revoked"
+
+
+async def test_approval_refused_when_slack_cannot_confirm_membership(tmp_path: Any) -> None:
+    clock = ManualClock()
+    box = Sandbox(directory=tmp_path, clock=clock)
+    await box.start()
+    try:
+        box.emulator.set_usergroup("S0ONCALL", [ALICE])
+        box.emulator.set_usergroup("S0LEADS", [BOB, CAROL])
+        await box.bot.reload_policy(with_usergroups(box.policy_text, recheck="1h"))
+        _, rid = await request(box)  # the approver groups were read from Slack just now
+        box.emulator.fail("usergroups.users.list", status=500, times=1000)
+
+        # Slack failing, its last answer 2 minutes old: that answer is still used.
+        clock.advance(timedelta(minutes=2))
+        await click(box, BOB, "bg_approve", rid, on=box.card(rid))
+        async with box.bot.db.read() as conn:
+            n = await conn.scalar(select(func.count()).select_from(audit_log).where(
+                audit_log.c.event == "approved"))
+        assert n == 1
+
+        # 11 minutes after Slack last answered: CAROL's membership is not assumed.
+        clock.advance(timedelta(minutes=9))
+        resp = await click(box, CAROL, "bg_approve", rid, on=box.card(rid))
+        said = json.dumps(resp.json) + json.dumps(
+            [r.body for r in box.emulator.responses if r.url == resp.response_url])
+        said += json.dumps([e.text for e in box.emulator.ephemerals if e.user == CAROL])
+        assert "could not confirm your membership of sre-leads; try again" in said
+        assert (await row(box, rid)).state == "pending"
+        # A static member still counts: DAVE is listed in the policy itself.
+        await click(box, DAVE, "bg_approve", rid, on=box.card(rid))
+        assert (await row(box, rid)).state == "issued"
+        # And a request from someone only Slack could vouch for is refused the same way.
+        box.emulator.set_usergroup("S0ONCALL", [ALICE, CAROL])
+        resp = await timed(box.slack.command(CAROL, "payments-write 10m INC-3 help"))
+        await box.settle()
+        said = json.dumps([r.body for r in box.emulator.responses if r.url == resp.response_url])
+        assert "could not confirm your membership of oncall; try again" in said
+    finally:
+        await box.stop()
+
+
+async def test_policy_file_watcher_and_sandbox_policy_helpers(tmp_path: Any) -> None:
+    """The sandbox's policy file and the running policy agree at start: the watcher
+    does not reload on its own, and a text given to reload_policy is not undone by a
+    file that did not change."""
+    box = Sandbox(directory=tmp_path)
+    await box.start()
+    try:
+        text = box.policy_text.replace("Write access", "Write access (api)")
+        assert (await box.bot.reload_policy(text)).outcome == "reloaded"
+        result = await box.bot.reloader.reload_file(trigger="file", force=False)
+        assert result.outcome == "unchanged"
+        assert box.bot.live.text == text
+    finally:
+        await box.stop()
