@@ -235,10 +235,9 @@ def operator_actor() -> str:
 
 
 async def _keys(args: argparse.Namespace) -> int:
-    from . import audit, outbox
-    from .alert_post import alert_event, alert_row
-    from .core.alerts import KEY_ROTATED, MASTER_KEY_ROTATED
+    from . import audit
     from .delivery.webhooks import WebhookConfigError, Webhooks
+    from .governance.alerts import KEY_ROTATED, MASTER_KEY_ROTATED, raise_alert_in
     from .keys import AUDIT_KEY_NAME, KeyRing, WrongMasterKey, sealed_secret
     from .store.db import Database
 
@@ -271,13 +270,12 @@ async def _keys(args: argparse.Namespace) -> int:
 
     async def record(conn: Any, now: datetime, event: str, details: dict[str, Any],
                      kind: str, text: str) -> None:
-        """The operation's audit row and its alert (§7.5): an `alert` audit row (which the
-        policy's webhooks receive) and the incident post, in the rotation's transaction."""
-        await audit.append_many(conn, audit_key, [
-            audit.AuditEvent(at=now, actor=actor, event=event, details=details),
-            alert_event(now, actor, kind, text.replace("`", ""))])
+        """The operation's audit row and its alert (§7.5: an `alert` audit row, which the
+        policy's webhooks receive, and the incident post), in the rotation's transaction."""
+        await audit.append(conn, audit_key, at=now, actor=actor, event=event, details=details)
         if policy is not None:
-            await outbox.enqueue_many(conn, [alert_row(now, policy.slack.incident_channel, text)])
+            await raise_alert_in(conn, audit_key, now, policy.slack.incident_channel, kind, text,
+                                 {**details, "by": actor})
 
     if args.keys_cmd == "rotate":
         if (problem := preflight.database_to_create(url)) is not None:

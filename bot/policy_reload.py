@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import outbox
-from .alert_post import alert_event, alert_row
-from .core.alerts import RELOAD_REFUSED
 from .core.policy import Policy, PolicyError, parse_policy
 from .delivery.webhooks import WebhookConfigError
+from .governance.alerts import RELOAD_REFUSED, raise_alert
 from .live_policy import text_sha256
 from .reconcile import reconcile_policy
 from .slack import blocks
@@ -148,12 +147,9 @@ class PolicyReloader:
             rt.service._audit(w, "breakglass", "policy_refused", {
                 "sha256": sha, "running_sha256": running, "trigger": trigger, "source": source,
                 "errors": errors[:50]})
-            w.events.append(alert_event(
-                now, "breakglass", RELOAD_REFUSED,
-                f"policy reload refused: {source} does not validate ({'; '.join(shown)}); the "
-                f"running policy (sha256 {running[:12]}) stays"))
-            w.rows.append(alert_row(now, rt.live.policy.slack.incident_channel, text,
-                                    key=f"policy-refused:{running[:16]}:{sha[:16]}"))
+            raise_alert(w, now, rt.live.policy.slack.incident_channel, RELOAD_REFUSED, text,
+                        {"sha256": sha, "errors": errors[:50]},
+                        key=f"policy-refused:{running[:16]}:{sha[:16]}")
         rt.service.wake_outbox()
         return ReloadResult("refused", sha, tuple(errors))
 

@@ -75,12 +75,15 @@ def post_text(text: str) -> str:
 
 
 def raise_alert(w: Writes, now: datetime, channel: str, kind: str, text: str,
-                details: Mapping[str, Any] | None = None, request_id: str | None = None) -> None:
-    """Add an alert to the writes of the caller's transaction (see the module docstring)."""
+                details: Mapping[str, Any] | None = None, request_id: str | None = None,
+                key: str | None = None) -> None:
+    """Add an alert to the writes of the caller's transaction (see the module docstring).
+    `key`: the same alert raised by several processes (a reload every replica refuses)
+    is posted once (the outbox posts a keyed message once)."""
     w.events.append(audit.AuditEvent(at=now, actor=ACTOR, event=ALERT,
                                      details=_details(kind, text, details),
                                      request_id=request_id))
-    w.rows.append(outbox.post_row(now, channel, post_text(text)))
+    w.rows.append(outbox.post_row(now, channel, post_text(text), key=key))
 
 
 async def raise_alert_in(conn: AsyncConnection, audit_key: bytes, now: datetime, channel: str,
