@@ -33,6 +33,7 @@ from . import outbox
 from .core.domain import State
 from .core.grants import outlived
 from .slack import blocks
+from .store import closures
 from .store import requests as store
 from .store.schema import requests
 
@@ -107,6 +108,8 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
                                  State.REVOKED, closed_at=now, closed_by=actor)
             if not moved:
                 continue
+            # Every process's introspection cache hears of it (store/closures.py).
+            await closures.record_many(w.conn, moved, now)
             by_reason: dict[str, list[Any]] = defaultdict(list)
             for req in await store.load_many(w.conn, requests.c.id.in_(moved), limit=len(moved)):
                 why = reasons[req.id]
