@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     from .delivery.webhooks import WebhookConfigError
     from .keys import WrongMasterKey
-    from .runtime import AppTokenRefused, Runtime
+    from .runtime import AppTokenRefused, BotTokenRefused, Runtime
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -139,7 +139,7 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     rt = Runtime(settings, policy, policy_text=policy_text)
     try:
         await rt.start()
-    except (WrongMasterKey, WebhookConfigError) as exc:
+    except (WrongMasterKey, WebhookConfigError, BotTokenRefused) as exc:
         await _close_db(rt)
         raise Exit(2, str(exc)) from None
     except (OSError, SQLAlchemyError) as exc:

@@ -26,6 +26,7 @@ import base64
 import collections
 import contextlib
 import json
+import re
 import secrets
 import time
 import uuid
@@ -219,7 +220,11 @@ class SlackEmulator:
             "users.info": self._users_info, "usergroups.users.list": self._usergroup_members,
             "chat.getPermalink": self._get_permalink,
             "conversations.history": self._conversations_history,
+            "conversations.info": self._conversations_info,
         }
+        # Channels the bot is not a member of (every other one, it is): posting there is
+        # `not_in_channel`, and conversations.info says is_member false.
+        self.outside_channels: set[str] = set()
         # Methods that take an app-level token (xapp-) instead of the bot token.
         self._app_methods: dict[str, Callable[[JSON], JSON]] = {
             "apps.connections.open": self._connections_open,
@@ -585,6 +590,8 @@ class SlackEmulator:
 
     def _post_message(self, params: JSON) -> JSON:
         channel = self._channel(params)
+        if channel in self.outside_channels:
+            raise ApiError("not_in_channel")
         text, blocks = _content(params)
         msg = Message(channel, self._next_ts(), text, blocks, thread_ts=params.get("thread_ts"))
         self._messages.setdefault(channel, []).append(msg)
@@ -704,6 +711,17 @@ class SlackEmulator:
                        if rest else "")
         return {"messages": [m.as_slack() for m in page], "has_more": bool(rest),
                 "pin_count": 0, "response_metadata": {"next_cursor": next_cursor}}
+
+    def _conversations_info(self, params: JSON) -> JSON:
+        """A channel ID (C…, G…, D…) is known; anything else (a name such as
+        #break-glass-reviews) is channel_not_found, as Slack answers."""
+        channel = str(params.get("channel") or "")
+        if not re.fullmatch(r"[CGD][A-Z0-9]+", channel):
+            raise ApiError("channel_not_found")
+        return {"channel": {"id": channel, "name": self.channel_name(channel),
+                            "is_channel": channel.startswith("C"), "is_private": False,
+                            "is_im": channel.startswith("D"), "is_archived": False,
+                            "is_member": channel not in self.outside_channels}}
 
     def _channel(self, params: JSON) -> str:
         channel = str(params.get("channel") or "")

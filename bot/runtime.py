@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from . import audit
@@ -36,7 +37,7 @@ from .membership import MembershipRecheck
 from .outbox import Dispatcher
 from .policy_reload import PolicyReloader, ReloadResult
 from .service import Service
-from .slack import identity, intake
+from .slack import channels, identity, intake
 from .slack.app import PooledRespond, build_app
 from .slack.handlers import Handlers
 from .store import closures
@@ -56,6 +57,13 @@ APP_TOKEN_REFUSED = {"invalid_auth", "not_authed", "not_allowed_token_type", "to
 
 class AppTokenRefused(Exception):
     """Slack refused SLACK_APP_TOKEN; the message names it and says what to do."""
+
+
+BOT_TOKEN_REFUSED = APP_TOKEN_REFUSED | {"invalid_auth", "not_authed", "token_revoked"}
+
+
+class BotTokenRefused(Exception):
+    """Slack refused SLACK_BOT_TOKEN at start (auth.test); the message says what to do."""
 
 
 def slack_client(settings: Settings, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
@@ -155,7 +163,19 @@ class Runtime:
         self.bolt = build_app(self.handlers, self.client, s.signing_secret, self.http)
         self.bolt.middleware(self._only_our_workspace)  # Socket Mode's check (HTTP: http.py)
         self.web = build_web_app(self)
-        await self._learn_identity(first=True)
+        try:
+            await self._learn_identity(first=True)
+        except BotTokenRefused:
+            await self.http.close()
+            await self.prober.close()
+            await self.db.dispose()
+            raise
+        if self.identity is not None:  # Slack answered: are we where the policy posts?
+            slack = self.policy.slack
+            for problem in await channels.problems(self.client, {
+                    "reviewer_channel": slack.reviewer_channel,
+                    "incident_channel": slack.incident_channel}):
+                log.warning("%s", problem)
         async with self.db.transaction() as conn:
             await audit.append(conn, self.audit_key, at=now, actor="breakglass", event="started",
                                details={"policy_sha256": self.policy_hash,
@@ -177,6 +197,17 @@ class Runtime:
         """Which team and app the bot token belongs to (slack/identity.py)."""
         try:
             self.identity = await identity.learn(self.client)
+        except SlackApiError as exc:
+            error = exc.response.get("error") if exc.response is not None else None
+            if first and error in BOT_TOKEN_REFUSED:
+                raise BotTokenRefused(
+                    f"SLACK_BOT_TOKEN was refused by Slack ({error}): copy the Bot User OAuth "
+                    "Token (xoxb-…) from your Slack app's OAuth & Permissions page, and "
+                    "reinstall the app if it was revoked") from None
+            if first:
+                log.warning("auth.test failed (%s): Slack requests are refused until breakglass "
+                            "knows its own workspace; retrying", error)
+            return
         except Exception as exc:  # noqa: BLE001 - Slack unreachable: retried in the background
             if first:
                 log.warning("auth.test failed (%s): Slack requests are refused until breakglass "

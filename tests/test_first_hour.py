@@ -390,3 +390,43 @@ async def test_verify_on_the_bots_own_database_still_works(env: dict[str, str]) 
     assert out.startswith("audit log intact: ")
     code, out, err = await run("outbox", "retry", env=env)
     assert code == 0 and "queued again" in out, err
+
+
+# --------------------------------------------------------------------------- Slack at start
+
+
+async def test_a_wrong_bot_token_is_found_at_start(env: dict[str, str],
+                                                   slack: SlackEmulator) -> None:
+    wrong = "xoxb-" + os.urandom(12).hex()  # well formed; not the workspace's token
+    code, _, err = await run("serve", env={**env, "SLACK_BOT_TOKEN": wrong})
+    line = one_line(code, err)
+    assert line.startswith("breakglass: SLACK_BOT_TOKEN was refused by Slack (invalid_auth)")
+    assert "OAuth & Permissions" in line and wrong not in err
+    assert [c.method for c in slack.calls] == ["auth.test"]  # found before anything else
+
+
+async def test_a_channel_the_bot_is_not_in_is_named_at_start(env: dict[str, str],
+                                                             slack: SlackEmulator) -> None:
+    slack.outside_channels.add("C0REVIEWS")
+    code, log = await serve_until_listening(env)
+    assert code == 0, log  # a warning: the token endpoints keep serving
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "slack." in line
+                and "placeholder" not in line]
+    assert len(warnings) == 1, log
+    assert "slack.reviewer_channel 'C0REVIEWS'" in warnings[0]
+    assert "the bot is not in this channel" in warnings[0]
+    assert "/invite @breakglass" in warnings[0]
+    asked = sorted(c.params.get("channel") for c in slack.calls_to("conversations.info"))
+    assert asked == ["C0INCIDENT", "C0REVIEWS"]
+
+
+async def test_a_channel_written_as_a_name_is_named_at_start(env: dict[str, str],
+                                                             home: Path) -> None:
+    policy = Path(env["BREAKGLASS_POLICY"])
+    policy.write_text(policy.read_text().replace('"C0INCIDENT"', '"#incident-live"'))
+    code, log = await serve_until_listening(env)
+    assert code == 0, log
+    found = [line for line in log.splitlines() if "slack.incident_channel '#incident-live': "
+             "Slack knows no such channel" in line]
+    assert len(found) == 1 and "/invite @breakglass" in found[0], log
+    assert "slack.reviewer_channel 'C0REVIEWS': " not in log

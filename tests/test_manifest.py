@@ -49,6 +49,8 @@ SCOPES_FOR_METHOD: dict[str, frozenset[str]] = {
     "conversations.open": frozenset({"im:write"}),
     # `audit verify --slack`: the incident channel may be public or private.
     "conversations.history": frozenset({"channels:history", "groups:history"}),
+    # `serve` at start: is the bot in the reviewer and incident channels (public or private)?
+    "conversations.info": frozenset({"channels:read", "groups:read"}),
 }
 # Called by slack_bolt itself, not by our code.
 IMPLICIT_METHODS = frozenset({"auth.test"})
