@@ -628,7 +628,7 @@ class Introspector:
 
 
 def _actor(client_id: str) -> str:
-    return f"client:{client_id}"[:64]
+    return f"client:{client_id}"  # whole: the columns are Text on every backend
 
 
 def _peek_kid(token: str) -> str | None:
