@@ -675,8 +675,11 @@ class SlackEmulator:
     def _conversations_history(self, params: JSON) -> JSON:
         """Newest first, top-level messages only (thread replies are not history), with
         Slack's cursor pagination: `limit` (default 100, at most 999) per page, and
-        `response_metadata.next_cursor` until the last page."""
+        `response_metadata.next_cursor` until the last page. The bot reads only channels
+        it is a member of."""
         channel = self._channel(params)
+        if channel in self.outside_channels:
+            raise ApiError("not_in_channel")
         try:
             limit = int(params.get("limit") or 100)
         except (TypeError, ValueError):

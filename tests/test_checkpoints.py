@@ -588,11 +588,15 @@ async def test_verify_slack_reads_every_page_of_history(box: Sandbox) -> None:
 
 async def test_verify_slack_says_what_to_do_when_slack_cannot_answer(box: Sandbox) -> None:
     await published_flow(box)
-    for error, words in (("missing_scope", "channels:history"), ("not_in_channel", "/invite"),
+    for error, words in (("missing_scope", "channels:history"),
                          ("channel_not_found", "incident_channel")):
         box.emulator.error("conversations.history", error)
         run = await verify_slack(box)
         assert run.code == 2 and words in run.err and "Traceback" not in run.err, (error, run.err)
+    box.emulator.outside_channels.add(INCIDENT)  # the bot was removed from the channel
+    run = await verify_slack(box)
+    assert run.code == 2 and "/invite" in run.err and INCIDENT in run.err, run.err
+    box.emulator.outside_channels.discard(INCIDENT)
     run = await verify_slack(box, SLACK_BOT_TOKEN="")
     assert run.code == 2 and "SLACK_BOT_TOKEN" in run.err
     run = await verify_slack(box, SLACK_BOT_TOKEN="xoxb-" + "0" * 24)
