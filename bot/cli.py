@@ -14,7 +14,7 @@ import signal
 import sys
 import textwrap
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -453,6 +453,141 @@ def _period(policy: Policy) -> str | None:
     from .core.durations import format_period
 
     return format_period(policy.drills.every) if policy.drills.every else None
+def cmd_reviews(args: argparse.Namespace) -> int:
+    return asyncio.run(_reviews(args))
+
+
+async def _reviews(args: argparse.Namespace) -> int:
+    from .core.reviews import is_overdue
+    from .store import reviews as review_store
+
+    db = await _existing_db(_db_url())
+    try:
+        now = datetime.now(UTC)
+        async with db.read() as conn:
+            found = await review_store.listed(conn, open_only=True, overdue_only=args.overdue,
+                                              now=now)
+    finally:
+        await db.dispose()
+    late = [r for r in found if is_overdue(r, now)]
+    if args.json:
+        for r in found:
+            sys.stdout.write(json.dumps({
+                "request_id": r.request_id, "requester": r.requester, "scope": r.scope,
+                "ended_at": r.ended_at.isoformat(), "due_at": r.due_at.isoformat(),
+                "overdue": is_overdue(r, now)}, separators=(",", ":")) + "\n")
+    elif not found:
+        print("no overdue reviews" if args.overdue else "no reviews waiting for sign-off")
+    else:
+        for r in found:
+            state = "OVERDUE" if is_overdue(r, now) else "open"
+            print(f"{r.request_id}  {state:7}  {r.scope}  requester {r.requester}  ended "
+                  f"{r.ended_at:%Y-%m-%d %H:%M} UTC  due {r.due_at:%Y-%m-%d %H:%M} UTC")
+        print(f"{len(found)} review(s) waiting for sign-off, {len(late)} overdue")
+    return 1 if late else 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    return asyncio.run(_tokens(args))
+
+
+async def _tokens(args: argparse.Namespace) -> int:
+    if args.tokens_cmd == "revoke":
+        return await _tokens_revoke(args)
+    from .governance.inventory import LiveGrant
+    from .store import requests as requests_store
+    from .store import reviews as review_store
+
+    db = await _existing_db(_db_url())
+    try:
+        now = datetime.now(UTC)
+        async with db.read() as conn:
+            found = await requests_store.load_many(conn, review_store.live_grants(),
+                                                   limit=100_000)
+            uses = await review_store.use_counts(conn, [g.id for g in found])
+    finally:
+        await db.dispose()
+    grants = sorted((LiveGrant(g, uses.get(g.id, 0)) for g in found
+                     if g.token_expires_at is not None and g.token_expires_at > now),
+                    key=lambda g: (g.request.token_expires_at, g.request.id))
+    if args.json:
+        for g in grants:
+            sys.stdout.write(json.dumps(g.as_dict(now), separators=(",", ":")) + "\n")
+        return 0
+    if not grants:
+        print("no live grants")
+        return 0
+    from .core.durations import format_duration
+
+    for g in grants:
+        req = g.request
+        assert req.token_expires_at is not None
+        left = timedelta(seconds=max(0, int((req.token_expires_at - now).total_seconds())))
+        print(f"{req.id}  {req.scope}  requester {req.requester}  incident "
+              f"{req.incident or '-'}  expires in {format_duration(left)}"
+              f"  approvers {','.join(req.approvals) or '-'}  uses {g.uses}")
+    print(f"{len(grants)} live grant(s)")
+    return 0
+
+
+async def _tokens_revoke(args: argparse.Namespace) -> int:
+    reason = " ".join((args.reason or "").split())
+    if not reason:
+        raise Exit(2, "--reason is required: say why these grants are revoked (e.g. --reason "
+                   "'lost laptop'); it goes into the audit log and the incident channel. "
+                   "Nothing was revoked.")
+    chosen = [bool(args.ids), args.user is not None or args.scope is not None, args.all]
+    if sum(chosen) != 1:
+        raise Exit(2, "name what to revoke: IDs, or --user U and/or --scope S, or --all "
+                   "(one of these). Nothing was revoked.")
+    settings_url, master = _db_and_master()
+    policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
+    from .core.clock import SystemClock
+    from .directory import Directory
+    from .governance.inventory import Inventory, operator_actor
+    from .keys import AUDIT_KEY_NAME, KeyRing, WrongMasterKey, sealed_secret
+    from .service import Service
+    from .triggers import Prober
+
+    db = await _existing_db(settings_url)
+    prober = Prober()
+    try:
+        now = datetime.now(UTC)
+        try:
+            keyring = await KeyRing.open(db, master, policy.tokens.algorithm, now)
+            audit_key = await sealed_secret(db, master, AUDIT_KEY_NAME)
+        except WrongMasterKey as exc:
+            raise Exit(2, str(exc)) from None
+        from .delivery.webhooks import Webhooks
+
+        # Operator revocations reach the webhooks like any other (the bot signs and sends).
+        Webhooks.enqueue_only(policy.webhooks).attach(db)
+        service = Service(db, policy, keyring, Directory(policy, None), prober, SystemClock(),
+                          audit_key)
+        from .governance.reviews import Reviews
+
+        Reviews(service)  # a revocation opens the grant's review, as in `serve`
+        inventory = Inventory(service)
+        try:
+            grants = await inventory.select(list(args.ids), user=args.user, scope=args.scope,
+                                            every=args.all)
+        except ValueError as exc:
+            raise Exit(2, f"{exc}. Nothing was revoked; `breakglass tokens list` shows the "
+                       "live grants.") from None
+        if not grants:
+            print("no live grant matched; nothing was revoked")
+            return 0
+        actor = operator_actor()
+        done = await inventory.revoke(grants, actor, reason)
+        for req in done:
+            what = "revoked" if req.issued_at is not None else "cancelled"
+            print(f"{what} {req.id}  {req.scope}  requester {req.requester}")
+        print(f"{len(done)} grant(s) revoked by {actor}; a running bot announces them and "
+              "edits the DMs")
+        return 0
+    finally:
+        await prober.close()
+        await db.dispose()
 
 
 # What each command reads from the environment: shown in its --help (tests/test_cli_help.py).
@@ -638,6 +773,35 @@ def build_parser() -> argparse.ArgumentParser:
              "Print the database's schema version and the newest this breakglass knows.",
              ("BREAKGLASS_DATABASE_URL",))
     b.set_defaults(func=cmd_db)
+    r = _command(sub, "reviews", "post-incident reviews waiting for sign-off; exit 1 when any "
+                 "is overdue", "List the post-incident reviews not signed off yet (every "
+                 "grant that ended needs one), oldest due first; exit 1 when any is overdue, "
+                 "so a compliance job can run it. Exit 2 when there is no database at the URL "
+                 "(nothing is created).", ("BREAKGLASS_DATABASE_URL",))
+    r.add_argument("--overdue", action="store_true", help="only the overdue ones")
+    r.add_argument("--json", action="store_true", help="JSON Lines")
+    r.set_defaults(func=cmd_reviews)
+    t = _command(sub, "tokens", "live grants: list them, revoke them",
+                 "Live grants. `breakglass tokens SUBCOMMAND --help` for each.")
+    tsub = t.add_subparsers(dest="tokens_cmd", required=True, metavar="SUBCOMMAND")
+    tl = _command(tsub, "list", "every live grant",
+                  "Every live grant: ID, scope, requester, incident, expires in, approvers, "
+                  "uses. Exit 2 when there is no database at the URL (nothing is created).",
+                  ("BREAKGLASS_DATABASE_URL",))
+    tl.add_argument("--json", action="store_true", help="JSON Lines")
+    tr = _command(tsub, "revoke", "revoke grants at once (lost laptop, leaked key)",
+                  "Revoke the named grants (request IDs or token jtis), a user's, a scope's or "
+                  "all live grants at once, through the same path as a revocation from Slack: "
+                  "audited with the operator's OS user as actor (os:USER) and the reason, "
+                  "announced in the incident channel, the DMs edited by the running bot. "
+                  "--reason is required. An unknown or closed ID: exit 2, nothing revoked.",
+                  ("BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY", "BREAKGLASS_POLICY"))
+    tr.add_argument("ids", nargs="*", metavar="ID", help="request IDs or token jtis")
+    tr.add_argument("--user", help="every live grant of this Slack user ID")
+    tr.add_argument("--scope", help="every live grant of this scope")
+    tr.add_argument("--all", action="store_true", help="every live grant")
+    tr.add_argument("--reason", help="why (required): audited and announced")
+    t.set_defaults(func=cmd_tokens)
     return p
 
 

@@ -33,7 +33,7 @@ class Transcript:
         self.out = out
         self.step = 0
         self._seen_responses = 0
-        self._seen: dict[str, int] = {}  # channel -> number of message versions shown
+        self._seen: dict[str, int] = {}  # channel/ts -> number of versions shown
 
     def name(self, user: str) -> str:
         return PEOPLE.get(user, user).split()[0]
@@ -79,22 +79,15 @@ class Transcript:
         self._seen_responses = len(self.box.emulator.responses)
 
     def channel(self, channel: str, label: str) -> None:
-        msgs = self.box.emulator.messages(channel)
-        shown = self._seen.get(channel, 0)
-        versions = sum(1 + len(m.history) for m in msgs)
-        if versions == shown:
-            return
-        self._seen[channel] = versions
-        count = 0
-        for m in msgs:
-            for version_index in range(len(m.history) + 1):
-                count += 1
-                if count <= shown:
-                    continue
-                edited = " (edited)" if version_index else ""
-                if version_index < len(m.history):
-                    continue  # only the latest version of an edited message is worth showing
-                self.say(f"{label}{edited}", self.message_text(m))
+        """Each message of `channel` not shown yet, or edited since it was: its latest version."""
+        for m in self.box.emulator.messages(channel):
+            versions = 1 + len(m.history)
+            if self._seen.get(f"{channel}/{m.ts}", 0) == versions:
+                continue
+            self._seen[f"{channel}/{m.ts}"] = versions
+            edited = " (edited)" if versions > 1 else ""
+            where = f"{label}, in the card's thread" if m.thread_ts else label
+            self.say(f"{where}{edited}", self.message_text(m))
 
 
 async def run_demo(verbose: bool = False, out: Callable[[str], None] = print) -> int:
@@ -171,7 +164,11 @@ async def run_demo(verbose: bool = False, out: Callable[[str], None] = print) ->
         await box.settle()
         channels()
 
-        t.heading("bob revokes the token: the DM loses its token, the channel hears it")
+        t.heading("bob lists every live grant (approvers and reviewers may)")
+        await command(BOB, "tokens")
+
+        t.heading("bob revokes the token: the DM loses its token, the channel hears it, "
+                  "and its review opens in the card's thread")
         await command(BOB, f"revoke {rid}")
         channels()
         answer = await _introspect(box, token)
@@ -201,6 +198,25 @@ async def run_demo(verbose: bool = False, out: Callable[[str], None] = print) ->
         channels()
         answer = await _introspect(box, _token_in(emu.views[-1].view))
         t.say("payments-api gets", f"active={answer.get('active')} (a drill token opens nothing)")
+
+        t.heading("alice tries to sign off the review of her own grant")
+        await command(ALICE, f"review {rid} all fine, nothing to see")
+
+        t.heading("carol clicks Review in the card's thread and signs the review off")
+        card = box.card(rid)
+        timeline = next(m for m in emu.messages(REVIEWS) if card and m.thread_ts == card.ts)
+        t.say("carol clicks", "[Review]")
+        await slack.click(CAROL, "bg_review", rid, channel_id=REVIEWS, message_ts=timeline.ts)
+        await box.settle()
+        t.say("carol's modal", t.render_blocks(emu.views[-1].view["blocks"]))
+        summary = ("Refunds replayed by hand with the token; no other writes. Follow-up: "
+                   "INC-4530, a second auth provider.")
+        t.say("carol writes", summary)
+        await slack.submit_view(CAROL, "bg_review_modal",
+                                {"summary": {"value": {"type": "plain_text_input",
+                                                       "value": summary}}})
+        await box.settle()
+        channels()
 
         t.heading("the audit log")
         result = await audit.verify(box.bot.db, box.bot.audit_key)

@@ -116,7 +116,7 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
                 service._audit(w, actor, "revoked",
                                {"scope": req.scope, "why": why, "via": actor}, req.id,
                                drill=req.drill)
-                service._close_token(w, req, service.policy.scope_named(req.scope), why)
+                await service._close_token(w, req, service.policy.scope_named(req.scope), why)
                 by_reason[why].append(req)
             for why, group in by_reason.items():
                 if len(group) <= FEW:

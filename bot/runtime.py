@@ -28,6 +28,8 @@ from .delivery.webhooks import KIND as WEBHOOK_KIND
 from .delivery.webhooks import Webhooks
 from .directory import Directory
 from .foreground import Foreground
+from .governance.inventory import Inventory
+from .governance.reviews import Reviews
 from .http import SLACK_SIGNATURE, build_web_app
 from .introspection import Introspector
 from .key_watch import KeyWatch
@@ -159,7 +161,10 @@ class Runtime:
         self.key_watch = KeyWatch(self.db, self.keyring, self.clock)
         await self.key_watch.start()
         self.replay_guard = ReplayGuard(self.db, self.clock)
-        self.handlers = Handlers(self.service, self.client, self.spawn)
+        self.reviews = Reviews(self.service)
+        self.inventory = Inventory(self.service)
+        self.handlers = Handlers(self.service, self.client, self.spawn, self.reviews,
+                                 self.inventory)
         self.bolt = build_app(self.handlers, self.client, s.signing_secret, self.http)
         self.bolt.middleware(self._only_our_workspace)  # Socket Mode's check (HTTP: http.py)
         self.web = build_web_app(self)
@@ -337,6 +342,7 @@ class Runtime:
         while not self._stop.is_set():
             try:
                 await self.service.sweep()
+                await self.reviews.sweep()
                 await self.introspector.summarise_uses()
                 await publish_head(self.db, self.audit_key, self.clock,
                                    self.policy.slack.incident_channel, self.keyring.current,

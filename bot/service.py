@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,8 +28,9 @@ from .governance import alerts, drills, escalation, expiry, refusals
 from .keys import KeyRing
 from .live_policy import LivePolicy
 from .outbox import Rendered
-from .slack import blocks
+from .slack import blocks, review_blocks
 from .store import requests as store
+from .store import reviews as review_store
 from .store.db import Database
 from .store.schema import requests as requests_table
 from .triggers import Prober
@@ -95,6 +96,10 @@ class Draft:
     clamped: bool
     drill: bool = False
     command_at: datetime | None = None  # when the command reached the bot
+    overdue_reviews: int = 0  # the requester's overdue post-incident reviews (the card warns)
+
+
+GrantEnded = Callable[["_Writes", Request], Awaitable[None]]
 
 
 class Service:
@@ -120,6 +125,9 @@ class Service:
         self._rate_alerts: dict[str, datetime] = {}
         self.refusal_summaries = refusals.Summariser(db, audit_key)
         self._scopes: dict[str, str] = {}
+        # Called in the transaction that ends a grant (expiry, any revocation), after its
+        # state change: e.g. the post-incident review (bot/governance/reviews.py).
+        self.on_grant_end: list[GrantEnded] = []
 
     # -- helpers -----------------------------------------------------------
 
@@ -158,6 +166,26 @@ class Service:
             w = _Writes(conn)
             yield w
             await w.flush(self.audit_key)
+
+    # For the use cases that live beside this one (bot/governance/): the same transaction
+    # with its audit events and outbox rows, the same audited refusal.
+
+    def write(self) -> Any:
+        """`async with service.write() as w:` one use case's transaction (see `_Writes`)."""
+        return self._write()
+
+    def record(self, w: _Writes, actor: str, event: str, details: dict[str, Any],
+               request_id: str | None = None) -> None:
+        """An audit event, written with the transaction `w`."""
+        self._audit(w, actor, event, details, request_id)
+
+    def post_incident(self, w: _Writes, text: str) -> None:
+        """A post to the incident channel, sent once `w` commits."""
+        self._incident(w, text)
+
+    async def refuse(self, actor: str, refusal: Refusal, details: dict[str, Any],
+                     request_id: str | None = None) -> Refusal:
+        return await self._refuse(actor, refusal, details, request_id)
 
     def _remember_scope(self, request_id: str, scope_name: str) -> None:
         scopes = self._scopes
@@ -200,9 +228,13 @@ class Service:
         if drill:
             return await store.count_since(conn, user, since, drill=True)
         # One statement: this count is on every request's path, twice.
-        both = select(store.count_since_query(user, since).scalar_subquery()
-                      + refusals.count_since_query(user, since).scalar_subquery())
-        return int(await conn.scalar(both) or 0)
+        return int(await conn.scalar(select(self._recent_real(user, now))) or 0)
+
+    def _recent_real(self, user: str, now: datetime) -> Any:
+        """The count of `_recent` for a real request, as one SQL expression."""
+        since = now - self.policy.requests.rate_window
+        return (store.count_since_query(user, since).scalar_subquery()
+                + refusals.count_since_query(user, since).scalar_subquery())
 
     def _card(self, w: _Writes, req: Request, scope: Scope | None) -> None:
         permissions = scope.permissions if scope else req.extra.get("grant", {}).get("permissions", [])
@@ -248,23 +280,34 @@ class Service:
                 f"({', '.join(scope.requesters)}). Ask one of its members, or an admin."),
                 {"scope": scope_name})
         quorum.check_reachable(await self.approvers(scope), user, scope.quorum, scope_name)
-        await self._check_rate(user, scope_name, drill)
+        late, oldest_late = await self._check_rate(user, scope_name, drill)
+        if late and self.policy.reviews.hold_requests:
+            assert oldest_late is not None
+            raise await self._refuse(user, Refusal("review_overdue", review_blocks.held(
+                oldest_late, late)), {"scope": scope_name, "review": oldest_late})
         ttl, clamped = self.policy.effective_ttl(scope, None if drill else requested)
         return Draft(scope_name, scope, user, reason, incident,
                      (None if drill else requested) or self.policy.tokens.default_ttl, ttl,
-                     clamped, drill, command_at)
+                     clamped, drill, command_at, late)
 
-    async def _check_rate(self, user: str, scope_name: str, drill: bool = False) -> None:
+    async def _check_rate(self, user: str, scope_name: str,
+                          drill: bool = False) -> tuple[int, str | None]:
         """The early check, before the probes: refuses at once when the limit is already
         reached. `submit` counts again, atomically with the insert (the authoritative one).
         Real requests and drills are counted apart: a drill never uses up the limit of
-        real requests (and real requests never block a drill)."""
+        real requests (and real requests never block a drill). Else the requester's
+        overdue reviews (how many, the oldest; none for a drill), read in the same
+        statement."""
         limits = self.policy.requests
         now = self.clock.now()
         async with self.db.read() as conn:
-            recent = await self._recent(conn, user, now, drill)
+            if drill:
+                recent, late, oldest_late = await self._recent(conn, user, now, True), 0, None
+            else:  # one statement: the rate count and the overdue reviews
+                recent, late, oldest_late = await review_store.requester_load(
+                    conn, user, self._recent_real(user, now), now)
         if recent < limits.rate_limit:
-            return
+            return late, oldest_late
         async with self._write() as w:
             refusal = await self._rate_refusal(w, user, scope_name, recent, now, drill)
         self.wake_outbox()
@@ -333,6 +376,9 @@ class Service:
                 refusal = await self._rate_refusal(w, draft.requester, draft.scope_name,
                                                    recent, now, draft.drill)
             else:
+                if draft.overdue_reviews:  # rare: only then are they listed, for the card
+                    req = replace(req, overdue_reviews=tuple(
+                        await review_store.overdue_for(w.conn, req.requester, now)))
                 await self._open(w, req, draft, tally, results)
                 await alerts.on_request(w, w.conn, self.policy, now, request_id=req.id,
                                         requester=req.requester, scope=req.scope,
@@ -353,7 +399,9 @@ class Service:
             "scope": req.scope, "ttl_s": int(req.ttl.total_seconds()),
             "requested_ttl_s": int(req.requested_ttl.total_seconds()),
             "reason": req.reason, "incident": req.incident, "drill": req.drill,
-            "triggers": [r.as_dict() for r in results]}, req.id)
+            "triggers": [r.as_dict() for r in results],
+            **({"overdue_reviews": list(req.overdue_reviews)} if req.overdue_reviews else {}),
+        }, req.id)
         w.rows.append(outbox.post_row(
             now, self.reviewer_channel, blocks.card_text(req),
             blocks.card(req, draft.scope.permissions, tally, self.approver_label(draft.scope)),
@@ -565,9 +613,12 @@ class Service:
 
     # -- revoke and expiry -------------------------------------------------------
 
-    async def revoke(self, ref: str, actor: str, *, via: str = "slack") -> Request:
-        """Revoke a token, or cancel a pending request. Slack users: requester or approvers.
-        `ref` is the request ID (any case) or the token's jti (exactly as in the token)."""
+    async def revoke(self, ref: str, actor: str, *, via: str = "slack",
+                     reason: str | None = None) -> Request:
+        """Revoke a token, or cancel a pending request. `ref` is the request ID (any case)
+        or the token's jti (exactly as in the token). Slack users: requester or approvers;
+        other callers (a relying service, an operator at the command line) were checked by
+        their own door. `reason` is audited and announced."""
         async with self.db.read() as conn:
             request_id = await store.find_grant_id(conn, ref)
             req = await store.load(conn, request_id) if request_id else None
@@ -589,35 +640,40 @@ class Service:
             what = "request" if req.is_pending else "token"
             raise Refusal("already_closed", f"The {what} {req.id} is already expired; "
                           "nothing to revoke.")
+        why = {"reason": reason} if reason else {}
+        said = f" Reason: {blocks.escape(reason)}" if reason else ""
         async with self._write() as w:
             # The request read above is not authoritative in here (decisions may have come
             # in since): after the conditional update, the request is read again.
             if await store.transition(w.conn, req.id, [State.PENDING], State.CANCELLED,
                                       closed_at=now, closed_by=actor):
                 req = await _reload(w.conn, req.id)
-                self._audit(w, actor, "cancelled", {"scope": req.scope, "via": via}, req.id,
-                            drill=req.drill)
+                self._audit(w, actor, "cancelled", {"scope": req.scope, "via": via, **why},
+                            req.id, drill=req.drill)
                 self._card(w, req, scope)
-                self._incident(w, blocks.incident_cancelled(req))
+                self._incident(w, blocks.incident_cancelled(req) + said)
             elif await store.transition(w.conn, req.id, [State.ISSUED, State.REVEALED],
                                         State.REVOKED, closed_at=now, closed_by=actor):
                 req = await _reload(w.conn, req.id)
-                self._audit(w, actor, "revoked", {"scope": req.scope, "via": via}, req.id,
-                            drill=req.drill)
-                self._close_token(w, req, scope)
-                self._incident(w, blocks.incident_revoked(req))
+                self._audit(w, actor, "revoked", {"scope": req.scope, "via": via, **why},
+                            req.id, drill=req.drill)
+                await self._close_token(w, req, scope)
+                self._incident(w, blocks.incident_revoked(req) + said)
             else:
                 raise Refusal("already_closed", f"{req.id} is already {req.state.value}.")
         self.wake_outbox()
         return req
 
-    def _close_token(self, w: _Writes, req: Request, scope: Scope | None,
-                     why: str | None = None) -> None:
-        """Card to its final state, and the DM edited so no token text stays in Slack."""
+    async def _close_token(self, w: _Writes, req: Request, scope: Scope | None,
+                           why: str | None = None) -> None:
+        """Card to its final state, and the DM edited so no token text stays in Slack;
+        then whatever else a grant's end sets going (`on_grant_end`)."""
         self._card(w, req, scope)
         text, dm_blocks = blocks.dm_closed(req, why)
         w.rows.append(outbox.update_row(self.clock.now(), dm_key(req.id),
                                         dm_lane(req.requester), text, dm_blocks))
+        for hook in self.on_grant_end:
+            await hook(w, req)
 
     async def sweep(self) -> int:
         """Expire what is due and send reminders. Safe to run from any number of processes."""
@@ -654,7 +710,7 @@ class Service:
                         {"scope": cur.scope, "was_issued": cur.issued_at is not None}, cur.id,
                         drill=cur.drill)
             if cur.issued_at is not None:
-                self._close_token(w, cur, scope)
+                await self._close_token(w, cur, scope)
             else:
                 self._card(w, cur, scope)
                 w.rows.append(outbox.post_row(

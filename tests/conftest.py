@@ -20,7 +20,8 @@ import concurrent.futures
 import os
 import secrets
 import subprocess
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import pg_throwaway
@@ -161,6 +162,25 @@ async def sandbox(tmp_path, database_url):
     try:
         yield box
     finally:
+        await box.stop()
+
+
+@pytest.fixture
+async def make_box(tmp_path: Path, new_database: Callable[..., str]
+                   ) -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
+    """Sandbox(**options), started, and stopped after the test (as many as a test needs)."""
+    boxes: list[Sandbox] = []
+
+    async def make(**options: Any) -> Sandbox:
+        directory = tmp_path / f"box{len(boxes)}"
+        directory.mkdir()
+        box = Sandbox(directory=directory, database_url=new_database(), **options)
+        await box.start()
+        boxes.append(box)
+        return box
+
+    yield make
+    for box in boxes:
         await box.stop()
 
 

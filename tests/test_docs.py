@@ -33,6 +33,7 @@ from bot.core.policy import (
     DrillSettings,
     Group,
     RequestSettings,
+    ReviewSettings,
     Scope,
     SlackSettings,
     TokenSettings,
@@ -71,6 +72,7 @@ SECTION_MODELS = {
     "alerts": AlertSettings,
     "webhooks": Webhook,
     "drills": DrillSettings,
+    "reviews": ReviewSettings,
 }
 
 
@@ -114,7 +116,7 @@ def test_example_policy_shows_every_key():
     missing = []
     for section, model in SECTION_MODELS.items():
         tables = data.get(section, {})
-        if section in ("slack", "tokens", "requests", "alerts", "drills"):
+        if section in ("slack", "tokens", "requests", "alerts", "drills", "reviews"):
             tables = {"": tables}
         elif section == "webhooks":
             tables = {str(i): t for i, t in enumerate(tables)}

@@ -31,8 +31,10 @@ __all__ = [
     "ListScopes",
     "OpenModal",
     "RequestAccess",
+    "Review",
     "Revoke",
     "Status",
+    "Tokens",
     "extract_incident",
     "incident_regex",
     "normalize_reason",
@@ -46,7 +48,7 @@ DEFAULT_INCIDENT_PATTERN = r"[A-Z][A-Z0-9]+-\d+"
 MAX_REASON_LENGTH = 500
 
 #: First words that are subcommands, so they can never be scope names.
-RESERVED_WORDS = frozenset({"help", "scopes", "status", "revoke", "drill"})
+RESERVED_WORDS = frozenset({"help", "scopes", "status", "revoke", "drill", "review", "tokens"})
 
 #: First words people type meaning a subcommand that does not exist (or asking for help):
 #: answered with the usage, never read as a scope name (so no scope may be called so).
@@ -78,6 +80,9 @@ USAGE = "\n".join(
         "(ID: the request ID, or the token's jti)",
         "• `/breakglass drill SCOPE [REASON…]` – rehearse the whole flow for SCOPE; "
         "approvers approve as for real, and the token works for no service",
+        "• `/breakglass review ID SUMMARY…` – sign off the post-incident review of a grant "
+        "that ended (reviewers only, never its requester)",
+        "• `/breakglass tokens` – every live grant (approvers and reviewers only)",
         "• `/breakglass help` – this message",
     ]
 )
@@ -118,6 +123,19 @@ class Revoke:
 
 
 @dataclass(frozen=True, slots=True)
+class Review:
+    """``/breakglass review ID SUMMARY…``; ``target`` is the request ID or the token's jti."""
+
+    target: str
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """``/breakglass tokens``: every live grant."""
+
+
+@dataclass(frozen=True, slots=True)
 class RequestAccess:
     """``/breakglass SCOPE DURATION REASON…``.
 
@@ -144,7 +162,8 @@ class Drill:
     incident: str | None
 
 
-Command: TypeAlias = Help | ListScopes | Status | OpenModal | Revoke | RequestAccess | Drill
+Command: TypeAlias = (Help | ListScopes | Status | OpenModal | Revoke | Review | Tokens
+                      | RequestAccess | Drill)
 
 
 @functools.lru_cache(maxsize=32)
@@ -242,6 +261,22 @@ def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN) -
         return Revoke(target=args[0])
     if keyword == "drill":
         return _drill(args, incident_pattern)
+    if keyword == "tokens":
+        _no_arguments(keyword, args)
+        return Tokens()
+    if keyword == "review":
+        if not args:
+            raise CommandError(
+                "Say which grant you review and what happened: `/breakglass review ID SUMMARY…`, "
+                "with the ID from the review thread under the approval card."
+            )
+        summary = " ".join(text.split(None, 2)[2:]).strip()
+        if not summary:
+            raise CommandError(
+                f"A review needs a summary: `/breakglass review {args[0]} what happened, what "
+                "the access was used for, what follows`."
+            )
+        return Review(target=args[0], summary=summary)
     if keyword in NOT_SCOPE_WORDS:
         return Help(unknown=first)
 

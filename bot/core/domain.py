@@ -84,6 +84,9 @@ class Request:
     command_at: datetime | None = None  # when the command reached the bot (None: not known)
     escalated_at: datetime | None = None  # the escalation reminder went out
     warned_at: datetime | None = None  # the expiry warning went out
+    # The requester's overdue post-incident reviews when this request was made (the card
+    # warns about them; section 7.1).
+    overdue_reviews: tuple[str, ...] = ()
     extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     @property

@@ -23,6 +23,7 @@ WEBHOOK_EVENTS: dict[str, str] = {
     "escalated": "a request waited past escalate_after",
     "refused": "a command or click was refused (repeats are summarised)",
     "alert": "an alert (contract §7.5): also posted to the incident channel",
+    "review_opened": "a grant ended; its post-incident review is due (thread under the card)",
     "review_overdue": "a grant's review is overdue",
     "reviewed": "a grant's post-incident review was signed off",
     "checkpoint": "an audit checkpoint (head seq and MAC); sent to every webhook",

@@ -59,6 +59,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "RequestSettings",
+    "ReviewSettings",
     "Scope",
     "SlackSettings",
     "TokenSettings",
@@ -70,7 +71,7 @@ __all__ = [
 ]
 
 _SECTIONS = frozenset({"slack", "tokens", "requests", "groups", "triggers", "scopes", "clients",
-                       "alerts", "webhooks", "drills"})
+                       "alerts", "webhooks", "drills", "reviews"})
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
 _USERGROUP_ID = re.compile(r"S[A-Z0-9]{2,}")
@@ -499,6 +500,19 @@ class Webhook(_Model):
         return self
 
 
+class ReviewSettings(_Model):
+    """``[reviews]`` (optional): the post-incident review every ended grant needs."""
+
+    due_after: Duration = timedelta(hours=24)
+    """A grant not reviewed this long after it ended is overdue."""
+    reviewers: list[str] | None = Field(default=None, min_length=1)
+    """Groups who may sign a review off; default: the scope's approvers. Never the requester."""
+    remind_every: OptionalDuration = None
+    """Repeat the overdue reminder this often; unset: one reminder, when it becomes overdue."""
+    hold_requests: bool = False
+    """True: a requester with an overdue review is refused; false: the card warns."""
+
+
 class Policy(_Model):
     """The whole policy file. Construct it with :func:`parse_policy`."""
 
@@ -512,11 +526,15 @@ class Policy(_Model):
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     webhooks: list[Webhook] = Field(default_factory=list)
     drills: DrillSettings = Field(default_factory=DrillSettings)
+    reviews: ReviewSettings = Field(default_factory=ReviewSettings)
 
     @model_validator(mode="after")
     def _check_references(self) -> Policy:
         problems = [] if self.scopes else [_NO_SCOPES]
         problems += _webhook_duplicates(self.webhooks)
+        problems += [
+            f"reviews.reviewers: unknown group '{group}' ({_defined('group', self.groups)})"
+            for group in self.reviews.reviewers or () if group not in self.groups]
         problems += _reference_errors(
             tokens=self.tokens,
             requests=self.requests,
@@ -562,6 +580,14 @@ class Policy(_Model):
             if group is not None and group.usergroup and group.usergroup not in found:
                 found.append(group.usergroup)
         return tuple(found)
+
+    def reviewer_groups(self, scope_name: str) -> list[str]:
+        """Groups whose members may sign off a review of a grant of ``scope_name``:
+        ``[reviews] reviewers``, else the scope's approvers (none if the scope is gone)."""
+        if self.reviews.reviewers:
+            return list(self.reviews.reviewers)
+        scope = self.scope_named(scope_name)
+        return list(scope.approvers) if scope is not None else []
 
     def effective_ttl(self, scope: Scope, requested: timedelta | None) -> tuple[timedelta, bool]:
         """The lifetime a token for ``scope`` gets, and whether the request was cut.
@@ -627,6 +653,11 @@ class Policy(_Model):
             "drills: "
             + (f"every scope every {format_period(self.drills.every)}" if self.drills.every
                else "no schedule"),
+            f"reviews: due {format_duration(self.reviews.due_after)} after a grant ends, "
+            f"signed off by {', '.join(self.reviews.reviewers or ()) or 'each scope’s approvers'}"
+            + (f", reminders every {format_duration(self.reviews.remind_every)}"
+               if self.reviews.remind_every else "")
+            + (", requests held while one is overdue" if self.reviews.hold_requests else ""),
         ]
         if self.webhooks:
             lines.append(counted(len(self.webhooks), "webhook") + names(

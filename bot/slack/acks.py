@@ -53,6 +53,10 @@ def command_ack(parsed: Command | CommandError) -> dict[str, Any]:
         text = f"Revoking {escape(parsed.target)}…"
     elif isinstance(parsed, commands.Drill):
         text = f"DRILL: checking `{escape(parsed.scope)}` and its trigger conditions…"
+    elif isinstance(parsed, commands.Review):
+        text = f"Signing off the review of {escape(parsed.target)}…"
+    elif isinstance(parsed, commands.Tokens):
+        text = "Listing live grants…"
     else:
         text = f"Checking `{escape(parsed.scope)}` and its trigger conditions…"
     return {"text": text, "response_type": "ephemeral"}

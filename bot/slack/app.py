@@ -16,7 +16,7 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from . import blocks
+from . import blocks, review_blocks
 from .acks import COMMAND
 from .handlers import Handlers
 
@@ -69,7 +69,9 @@ def build_app(handlers: Handlers, client: AsyncWebClient, signing_secret: str | 
         app.middleware(pooled_respond)
     app.command(COMMAND)(handlers.on_command)
     app.view(blocks.REQUEST_MODAL)(handlers.on_modal)
-    for action_id in (blocks.APPROVE, blocks.DENY, blocks.REVEAL, blocks.REVOKE):
+    app.view(review_blocks.REVIEW_MODAL)(handlers.on_review_modal)
+    for action_id in (blocks.APPROVE, blocks.DENY, blocks.REVEAL, blocks.REVOKE,
+                      review_blocks.REVIEW):
         app.action(action_id)(handlers.on_button)
     app.action(re.compile(".*"))(handlers.on_unknown_action)
     return app

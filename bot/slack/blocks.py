@@ -85,6 +85,10 @@ def card(req: Request, permissions: Sequence[str], tally: Tally, approver_label:
         _section(f"*Trigger conditions*\n{trigger_lines(req.triggers)}"),
         _context(card_status(req, tally, approver_label)),
     ]
+    if req.overdue_reviews:
+        blocks.insert(3, _context(
+            f":warning: <@{req.requester}> has {len(req.overdue_reviews)} overdue "
+            f"post-incident review(s): {', '.join(req.overdue_reviews)}"))
     if req.state is State.PENDING:
         blocks.append({
             "type": "actions", "block_id": f"decide:{req.id}",
@@ -112,7 +116,7 @@ def card_status(req: Request, tally: Tally, approver_label: str) -> str:
         return f":leftwards_arrow_with_hook: Cancelled by <@{req.closed_by}>"
     if s is State.REVOKED:
         return (f":octagonal_sign: Approved by {who(req.approvals)}; token revoked by "
-                f"<@{req.closed_by}> at {when(req.closed_at or req.created_at)}")
+                f"{_actor(req.closed_by)} at {when(req.closed_at or req.created_at)}")
     if req.issued_at is not None:
         return f":hourglass_flowing_sand: Approved by {who(req.approvals)}; token expired"
     return ":hourglass_flowing_sand: Expired without enough approvals"
@@ -378,6 +382,8 @@ def _actor(actor: str | None) -> str:
         return "a policy change"
     if actor == "membership":
         return "the group membership check"
+    if actor.startswith("os:"):
+        return f"operator `{_escape(actor.removeprefix('os:'))}`"
     return f"<@{actor}>"
 
 

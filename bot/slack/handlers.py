@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
@@ -22,7 +22,11 @@ from ..core.commands import CommandError
 from ..core.durations import DurationError, format_duration, parse_duration
 from ..core.errors import Refusal
 from ..service import SECRET_IN_REASON, Service
-from . import acks, blocks
+from . import acks, blocks, review_blocks
+
+if TYPE_CHECKING:
+    from ..governance.inventory import Inventory
+    from ..governance.reviews import Reviews
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +51,13 @@ async def _text_or_refusal(text: Awaitable[str], what: str) -> str:
 
 
 class Handlers:
-    def __init__(self, service: Service, client: AsyncWebClient, spawn: Spawn) -> None:
+    def __init__(self, service: Service, client: AsyncWebClient, spawn: Spawn,
+                 reviews: Reviews, inventory: Inventory) -> None:
         self.service = service
         self.client = client
         self.spawn = spawn
+        self.reviews = reviews
+        self.inventory = inventory
 
     @property
     def pattern(self) -> str:
@@ -76,6 +83,10 @@ class Handlers:
         elif isinstance(cmd, commands.Drill):
             self.spawn(self._reply(respond, self._request_text(
                 user, cmd.scope, None, cmd.reason, cmd.incident, command_at, drill=True)))
+        elif isinstance(cmd, commands.Review):
+            self.spawn(self._reply(respond, self._review_text(cmd.target, user, cmd.summary)))
+        elif isinstance(cmd, commands.Tokens):
+            self.spawn(self._reply(respond, self._tokens_text(user)))
         else:
             self.spawn(self._reply(respond, self._request_text(
                 user, cmd.scope, cmd.duration, cmd.reason, cmd.incident, command_at)))
@@ -149,6 +160,61 @@ class Handlers:
         req = await self.service.revoke(target, user)  # a jti keeps its case
         done = "cancelled" if req.issued_at is None else "revoked"
         return f":octagonal_sign: {req.id} (`{req.scope}`) {done}."
+
+    async def _review_text(self, target: str, user: str, summary: str) -> str:
+        req, _ = await self.reviews.sign_off(target, user, summary)
+        return (f":memo: Review of {req.id} (`{req.scope}`) signed off; it is in the card's "
+                "thread and the incident channel.")
+
+    async def _tokens_text(self, user: str) -> str:
+        grants = await self.inventory.for_slack(user)
+        return review_blocks.inventory([g.request for g in grants],
+                                       {g.request.id: g.uses for g in grants},
+                                       self.service.clock.now())
+
+    # -- the review modal ---------------------------------------------------------
+
+    async def _open_review(self, respond: AsyncRespond, request_id: str, user: str,
+                           trigger_id: str) -> None:
+        try:
+            req = await self.reviews.check_modal(request_id, user)
+        except Refusal as exc:
+            await respond(text=f":no_entry_sign: {exc.message}", response_type="ephemeral",
+                          replace_original=False)
+            return
+        await self.client.views_open(trigger_id=trigger_id, view=review_blocks.review_modal(req))
+
+    async def on_review_modal(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        user = str(body.get("user", {}).get("id", ""))
+        view = body.get("view", {})
+        request_id = str(view.get("private_metadata", ""))
+        values = view.get("state", {}).get("values", {})
+        summary = str(values.get(review_blocks.SUMMARY_BLOCK, {}).get("value", {}).get("value")
+                      or "")
+        if not summary.strip():
+            await ack(response_action="errors", errors={
+                review_blocks.SUMMARY_BLOCK: "A review needs a summary: what happened, what the "
+                "access was used for, what follows."})
+            return
+        try:
+            await asyncio.wait_for(self.reviews.check_modal(request_id, user), PREPARE_TIMEOUT)
+        except Refusal as exc:
+            await ack(response_action="errors",
+                      errors={review_blocks.SUMMARY_BLOCK: exc.message[:150]})
+            return
+        except TimeoutError:
+            await ack(response_action="errors",
+                      errors={review_blocks.SUMMARY_BLOCK: "Busy right now; try again."})
+            return
+        await ack()
+        self.spawn(self._sign_off_from_modal(request_id, user, summary))
+
+    async def _sign_off_from_modal(self, request_id: str, user: str, summary: str) -> None:
+        try:
+            await self.reviews.sign_off(request_id, user, summary)
+        except Refusal as exc:  # e.g. someone signed it off while the modal was open
+            await self.client.chat_postMessage(channel=user,
+                                               text=f":no_entry_sign: {exc.message}")
 
     # -- the form -------------------------------------------------------------
 
@@ -242,6 +308,9 @@ class Handlers:
             self.spawn(self._reply_ephemeral(respond, self._revoke_text(request_id, user)))
         elif action_id == blocks.REVEAL:
             self.spawn(self._reveal(respond, request_id, user, str(body.get("trigger_id", ""))))
+        elif action_id == review_blocks.REVIEW:
+            self.spawn(self._open_review(respond, request_id, user,
+                                         str(body.get("trigger_id", ""))))
 
     async def on_unknown_action(self, ack: AsyncAck, respond: AsyncRespond) -> None:
         await ack()

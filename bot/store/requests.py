@@ -50,6 +50,7 @@ def _to_request(row: Any, decided: list[tuple[str, str]]) -> Request:
         command_at=_aware(row.command_at),
         escalated_at=_aware(row.escalated_at),
         warned_at=_aware(row.warned_at),
+        overdue_reviews=tuple(json.loads(row.overdue_reviews)) if row.overdue_reviews else (),
         extra={"grant": json.loads(row.grant)} if row.grant else {},
     )
 
@@ -114,6 +115,7 @@ async def insert_request(conn: AsyncConnection, req: Request) -> None:
             triggers=json.dumps([t.as_dict() for t in req.triggers]),
             created_at=req.created_at,
             expires_at=req.expires_at,
+            overdue_reviews=json.dumps(list(req.overdue_reviews)) if req.overdue_reviews else None,
             version=0,
             drill=req.drill,
             command_at=req.command_at,

@@ -53,6 +53,8 @@ requests = Table(
     Column("token_hash", String(64), unique=True),
     Column("revealed_at", DateTime(timezone=True)),
     Column("grant", Text),  # JSON: audience and permissions fixed at quorum
+    # JSON list: the requester's overdue reviews at request time (the card warns)
+    Column("overdue_reviews", Text),
     Column("version", Integer, nullable=False, default=0),
     # A rehearsal (/breakglass drill): its token is for the audience breakglass-drill, which
     # no relying service accepts; drills count for no rate limit, alert or review.
@@ -209,3 +211,23 @@ token_closures = Table(
     Column("token_hash", Text, nullable=False),
     Column("closed_at", DateTime(timezone=True), nullable=False),
 )
+
+# Post-incident reviews (contract section 7.1): one row per grant that ended, written in
+# the transaction that ended it. The conditional updates on reminded_at / alerted_at are
+# what make each reminder and alert happen once across processes.
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("request_id", String(16), ForeignKey("requests.id"), primary_key=True),
+    Column("requester", Text, nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=False),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("reviewed_at", DateTime(timezone=True)),
+    Column("reviewed_by", Text),
+    Column("summary", Text),
+    Column("reminded_at", DateTime(timezone=True)),
+    Column("alerted_at", DateTime(timezone=True)),
+)
+Index("ix_reviews_requester_due", reviews.c.requester, reviews.c.due_at)
+Index("ix_reviews_due", reviews.c.reviewed_at, reviews.c.due_at)
