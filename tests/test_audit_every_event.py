@@ -3,7 +3,8 @@
 One real flow (the bot over HTTP, the Slack emulator, a moving clock, a policy reload,
 the `keys` commands) writes a row of every event type the code can write: started,
 refused, requested, approved, denied, issued, reveal_failed, revealed, delivered, used,
-revoked, cancelled, escalated, expiry_warned, expired, alert, drill, drills_due,
+revoked, review_opened, reviewed, review_overdue, cancelled, escalated, expiry_warned,
+expired, alert, drill, drills_due,
 checkpoint, policy_reloaded, policy_refused, key_rotated, master_key_rotated. Then, for
 each event type, a copy of the SQLite file has one row of that type edited (its details,
 its actor, or its request ID) by someone who dropped the append-only triggers, and
@@ -46,8 +47,6 @@ TRIGGERS = ("audit_log_no_update", "audit_log_no_delete", "audit_log_next_seq")
 
 # Event names some code may write in future work but nothing under bot/ writes today.
 NOT_WRITTEN_YET = {
-    "reviewed": "post-incident reviews (contract §7.1) are not on main yet",
-    "review_overdue": "post-incident reviews (contract §7.1) are not on main yet",
     "head_published": "the name versions before signed checkpoints wrote; only read now",
 }
 
@@ -106,7 +105,9 @@ async def _real_flow(directory: Path) -> Flow:
         await _click(box, BOB, "bg_deny", b)  # denied
         c = await _request(box, ALICE, "payments-write 30m INC-4523 third")
         await box.slack.command(ALICE, f"revoke {c}")  # cancelled
-        await box.slack.command(BOB, f"revoke {a}")  # revoked
+        await box.slack.command(BOB, f"revoke {a}")  # revoked, review_opened
+        await _settle(box)
+        await box.slack.command(CAROL, f"review {a} refunds replayed; no misuse")  # reviewed
         await _settle(box)
         d = await _request(box, ALICE, "payments-write 30m INC-4524 nobody answers")
         await _sweep_after(box, clock, timedelta(minutes=3))  # escalated
@@ -129,6 +130,9 @@ async def _real_flow(directory: Path) -> Flow:
         f = await _request(box, BOB, "payments-write 30m INC-4526 by message")
         await _click(box, CAROL, "bg_approve", f)
         await _click(box, "U0DAVE", "bg_approve", f)  # delivered
+        clock.advance(timedelta(hours=25))
+        await box.bot.reviews.sweep()  # review_overdue (e's token expired, never reviewed)
+        await _settle(box)
         await publish_head(box.bot.db, box.bot.audit_key, clock, INCIDENT,
                            box.bot.keyring.current, force=True)  # checkpoint
         await _settle(box)
@@ -177,6 +181,7 @@ _WRITES = (
     re.compile(r"_audit\(\s*w\s*,[^,]+,\s*\"([a-z_]+)\""),               # _audit(w, actor, "x"
     re.compile(r"\"([a-z_]+)\"\s+if\s+decision\s*==\s*\"approve\"\s+else\s+\"([a-z_]+)\""),
     re.compile(r"\brecord\(\s*conn\s*,\s*now\s*,\s*\"([a-z_]+)\""),     # cli: record(conn, now, "x"
+    re.compile(r"\brecord\(\s*w\s*,[^,]+,\s*\"([a-z_]+)\""),              # service.record(w, actor, "x"
     re.compile(r"^(?:EVENT|ALERT)\s*=\s*\"([a-z_]+)\"", re.M),          # EVENT = "checkpoint"
 )
 
@@ -196,7 +201,7 @@ def written_by_the_code() -> set[str]:
 def test_the_scan_finds_the_events_it_should() -> None:
     found = written_by_the_code()
     assert {"requested", "approved", "denied", "issued", "used", "checkpoint", "alert",
-            "started", "key_rotated"} <= found, found
+            "started", "key_rotated", "review_opened", "reviewed", "review_overdue"} <= found, found
 
 
 def test_the_flow_wrote_every_event_type_the_code_writes(flow: Flow) -> None:
