@@ -1,4 +1,7 @@
-"""Review findings on the acks-first path (left failing on purpose)."""
+"""Review findings on the acks-first path, now guarded: a command whose Bolt dispatch
+fails after the ack still gets a request or a reply (never silently dropped), and an
+unsigned body trickling in does not hold back background work (only a signed request
+counts as one being answered)."""
 
 from __future__ import annotations
 

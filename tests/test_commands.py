@@ -1,3 +1,9 @@
+"""The /breakglass command grammar (bot/core/commands.py), pure: empty text opens the
+form; help, scopes, status, revoke and drill parse with their arguments; a request
+parses its scope, duration, reason and incident reference; every malformed text raises
+CommandError with a message that says how to write it (hypothesis checks it never
+raises anything else)."""
+
 from datetime import timedelta
 
 import pytest

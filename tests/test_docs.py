@@ -476,3 +476,21 @@ def test_rotate_master_with_a_bad_old_key_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert "BREAKGLASS_OLD_MASTER_KEY" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------
+# Test files say what they do (issue 13, "tests that guard each layer").
+
+
+def test_every_test_file_says_what_it_does():
+    import ast
+
+    vague = ("left failing on purpose", "todo", "xfail", "placeholder")
+    problems = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        if len(doc) < 40:
+            problems.append(f"{path.name}: no module docstring saying what it tests")
+        elif any(word in doc.lower() for word in vague):
+            problems.append(f"{path.name}: its docstring says it is unfinished: {doc[:80]!r}")
+    assert not problems, "\n".join(problems)

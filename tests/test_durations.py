@@ -1,3 +1,8 @@
+"""Durations as the policy and commands write them (bot/core/durations.py): 90s, 15m,
+1h, 1h30m parse and format back (round trips, hypothesis); empty, zero, more than seven
+days, a missing or unknown unit and garbage are refused with a DurationError (and only
+that, whatever the text) whose message shows the accepted forms."""
+
 from datetime import timedelta
 
 import pytest

@@ -1,3 +1,11 @@
+"""The policy file (bot/core/policy.py): the contract's example loads, a minimal one
+gets the defaults; invalid TOML names the file and line; every key is strictly typed;
+unknown keys, bad durations, unknown group/trigger references, a quorum above the
+approver pool, a TTL above the ceiling and subcommands used as scope names are errors
+naming their key path, all collected at once; the helpers (scope_named, members,
+usergroups, effective_ttl, summary) behave; and arbitrary dicts, TOML and text raise
+only PolicyError (hypothesis)."""
+
 import copy
 import hashlib
 import json
