@@ -17,9 +17,11 @@ from test_reviews import (
     command,
     content,
     events,
+    introspect,
     jti_of,
     seen,
     thread,
+    token_of,
     wait_thread,
 )
 
@@ -119,12 +121,17 @@ async def test_revoke_refuses_without_a_reason_or_with_an_unknown_id(make_box: M
 
 async def test_operator_revokes_by_id_and_jti_announced_and_dm_edited(make_box: MakeBox) -> None:
     box, a, b, c = await world(make_box)
+    await click(box, ALICE, "bg_reveal", a, on=dm_of(box, ALICE, a))
+    token = token_of(box)
+    assert (await introspect(box, token))["active"] is True
     jti = await jti_of(box, b)
     code, out, err = await cli(box, "tokens", "revoke", a, jti, "--reason", "lost laptop",
                                **OPERATOR)
     assert code == 0, err
     assert f"revoked {a}" in out and f"revoked {b}" in out and "os:opsperson" in out
     assert (await states(box)) == {a: "revoked", b: "revoked", c: "issued"}
+    # The running bot (another process) stops accepting the token at once.
+    assert (await introspect(box, token))["active"] is False
 
     # A running bot delivers what the command line queued: announced, DM edited, thread.
     for rid, user in ((a, ALICE), (b, BOB)):

@@ -262,6 +262,21 @@ async def test_review_command_refusals_change_nothing(sandbox: Sandbox) -> None:
     assert (await review_row(box, rid)).reviewed_by == BOB
 
 
+async def test_a_relying_services_revocation_opens_the_review_too(sandbox: Sandbox) -> None:
+    """RFC 7009 revocation takes the same path: the thread follows."""
+    box = sandbox
+    rid = await grant(box)
+    token = token_of(box)
+    auth = base64.b64encode(f"payments-api:{box.client_secret}".encode()).decode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{box.url}/oauth2/revoke", data={"token": token},
+                                headers={"Authorization": f"Basic {auth}"}) as resp:
+            assert resp.status == 200
+    message = await wait_thread(box, rid)
+    assert "revoked" in content(message) and "relying service `payments-api`" in content(message)
+    assert (await review_row(box, rid)).reviewed_at is None
+
+
 async def test_a_request_that_never_issued_needs_no_review(sandbox: Sandbox) -> None:
     box = sandbox
     await command(box, ALICE, f"payments-write 30m {REASON}")
