@@ -405,8 +405,9 @@ async def test_serve_exits_2_naming_the_missing_secret_variable(tmp_path):
         stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2, err
-    lines = err.decode().strip().splitlines()
-    assert len(lines) == 1 and "WH_UNSET_SECRET" in lines[0] and "Traceback" not in err.decode()
+    errors = [line for line in err.decode().splitlines() if line.startswith("breakglass:")]
+    assert len(errors) == 1 and "WH_UNSET_SECRET (webhooks[0].secret_env)" in errors[0]
+    assert "Traceback" not in err.decode()
 
 
 # --------------------------------------------------------------------------- the example receiver
