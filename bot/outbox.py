@@ -135,6 +135,13 @@ def post_row(now: datetime, channel: str, text: str, blocks: list[dict[str, Any]
     return row(now, lane=lane or channel, kind="post", payload=payload)
 
 
+def render_row(now: datetime, key: str, lane: str, render: str, **payload: Any) -> dict[str, Any]:
+    """An edit of the message `key` whose text is made when it is sent: the dispatcher
+    asks `materialise` (payload `render`, e.g. "card"). Cheap to enqueue by the thousand
+    (a reload that revokes many grants), and the edit shows the state at send time."""
+    return row(now, lane=lane, kind="update", payload={"key": key, "render": render, **payload})
+
+
 def update_row(now: datetime, key: str, lane: str, text: str,
                blocks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return row(now, lane=lane, kind="update", payload={"key": key, "text": text, "blocks": blocks})
@@ -514,8 +521,14 @@ class Dispatcher:
                 where = await self._message(p["key"])  # it may have gone out meanwhile
             if where is None:
                 raise _Dead(f"no posted message for {p['key']} to update")
-            await self._call("chat_update", channel=where[0], ts=where[1], text=p["text"],
-                             blocks=p.get("blocks") or [])
+            text, edit_blocks = p.get("text"), p.get("blocks")
+            if p.get("render"):
+                rendered = await self.materialise(p)
+                if rendered is None:
+                    return None
+                text, edit_blocks = rendered.text, rendered.blocks
+            await self._call("chat_update", channel=where[0], ts=where[1], text=text,
+                             blocks=edit_blocks or [])
             return None
         if kind == "token_dm":
             if await self._recorded(p["key"], fresh):

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import outbox
 from .core.domain import State
 from .core.grants import outlived
+from .outbox import Rendered
 from .slack import blocks
 from .store import closures
 from .store import requests as store
@@ -83,20 +84,25 @@ async def reconcile_policy(service: Service, yield_to: YieldTo = None) -> Reconc
 
 
 async def _close(conn: AsyncConnection, ids: list[str], src: list[State], dst: State,
-                 **values: Any) -> list[str]:
-    """Move those of `ids` still in `src` to `dst`; the ids this statement moved."""
+                 **values: Any) -> list[Any]:
+    """Move those of `ids` still in `src` to `dst`; the rows this statement moved."""
     result = await conn.execute(
         update(requests)
         .where(and_(requests.c.id.in_(ids), requests.c.state.in_([s.value for s in src])))
         .values(state=dst.value, version=requests.c.version + 1, **values)
-        .returning(requests.c.id))
-    return [r[0] for r in result]
+        .returning(requests.c.id, requests.c.scope, requests.c.requester, requests.c.incident,
+                   requests.c.drill))
+    return list(result)
 
 
 async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: str,
                       yield_to: YieldTo = None) -> int:
     """Revoke the live grants `reasons` names (request id -> why). Returns how many this
-    process revoked (a grant already closed, here or elsewhere, is left alone)."""
+    process revoked (a grant already closed, here or elsewhere, is left alone).
+
+    Per grant, in its batch's transaction: the state change, its token closure, its
+    audit row, and two outbox edits rendered when they are sent (`render`): the
+    holder's DM (the token text removed, the reason given) and the approval card."""
     ids = list(reasons)
     done = 0
     for start in range(0, len(ids), BATCH):
@@ -109,14 +115,21 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
             if not moved:
                 continue
             # Every process's introspection cache hears of it (store/closures.py).
-            await closures.record_many(w.conn, moved, now)
+            await closures.record_many(w.conn, [r.id for r in moved], now)
             by_reason: dict[str, list[Any]] = defaultdict(list)
-            for req in await store.load_many(w.conn, requests.c.id.in_(moved), limit=len(moved)):
+            channel = service.reviewer_channel
+            moved_ids = [r.id for r in moved]
+            for req in await store.load_many(w.conn, requests.c.id.in_(moved_ids),
+                                             limit=len(moved_ids)):
                 why = reasons[req.id]
-                service._audit(w, actor, "revoked",
-                               {"scope": req.scope, "why": why, "via": actor}, req.id,
-                               drill=req.drill)
-                await service._close_token(w, req, service.policy.scope_named(req.scope), why)
+                service._audit(w, actor, "revoked", {"scope": req.scope, "why": why, "via": actor},
+                               req.id, drill=req.drill)
+                w.rows.append(outbox.render_row(now, f"dm:{req.id}", f"dm:{req.requester}",
+                                                "dm_closed", request_id=req.id, why=why))
+                w.rows.append(outbox.render_row(now, f"card:{req.id}", channel, "card",
+                                                request_id=req.id))
+                for hook in service.on_grant_end:  # the review thread (contract §7.1)
+                    await hook(w, req)
                 by_reason[why].append(req)
             for why, group in by_reason.items():
                 if len(group) <= FEW:
@@ -128,6 +141,21 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
         done += len(moved)
         service.wake_outbox()
     return done
+
+
+async def render(service: Service, payload: Mapping[str, Any]) -> Rendered | None:
+    """The text of an edit `revoke_many` queued unrendered, as the request stands now."""
+    async with service.db.read() as conn:
+        req = await store.load(conn, str(payload.get("request_id")))
+    if req is None:
+        return None
+    if payload.get("render") == "dm_closed":
+        text, dm_blocks = blocks.dm_closed(req, payload.get("why"))
+        return Rendered(text, dm_blocks)
+    if payload.get("render") == "card":
+        text, card_blocks = service.card_of(req, service.policy.scope_named(req.scope))
+        return Rendered(text, card_blocks)
+    return None
 
 
 async def cancel_many(service: Service, reasons: Mapping[str, str], *, actor: str,
@@ -142,7 +170,9 @@ async def cancel_many(service: Service, reasons: Mapping[str, str], *, actor: st
         async with service._write() as w:
             moved = await _close(w.conn, ids[start:start + BATCH], [State.PENDING],
                                  State.CANCELLED, closed_at=now, closed_by=actor)
-            for req in await store.load_many(w.conn, requests.c.id.in_(moved), limit=len(moved)):
+            moved_ids = [r.id for r in moved]
+            for req in await store.load_many(w.conn, requests.c.id.in_(moved_ids),
+                                             limit=len(moved_ids)):
                 why = reasons[req.id]
                 service._audit(w, actor, "cancelled",
                                {"scope": req.scope, "why": why, "via": actor}, req.id,

@@ -237,13 +237,16 @@ class Service:
                 + refusals.count_since_query(user, since).scalar_subquery())
 
     def _card(self, w: _Writes, req: Request, scope: Scope | None) -> None:
+        w.rows.append(outbox.update_row(self.clock.now(), card_key(req.id), self.reviewer_channel,
+                                        *self.card_of(req, scope)))
+
+    def card_of(self, req: Request, scope: Scope | None) -> tuple[str, list[dict[str, Any]]]:
+        """The approval card's text and blocks for `req` as it stands."""
         permissions = scope.permissions if scope else req.extra.get("grant", {}).get("permissions", [])
         quorum_n = scope.quorum if scope else len(req.approvals)
         label = self.approver_label(scope, req.escalated_at is not None) if scope else "approvers"
         tally = quorum.tally(req.approvals, quorum_n)
-        w.rows.append(outbox.update_row(
-            self.clock.now(), card_key(req.id), self.reviewer_channel,
-            blocks.card_text(req), blocks.card(req, permissions, tally, label)))
+        return blocks.card_text(req), blocks.card(req, permissions, tally, label)
 
     def _incident(self, w: _Writes, text: str) -> None:
         w.rows.append(outbox.post_row(self.clock.now(), self.incident_channel, text))
@@ -585,7 +588,12 @@ class Service:
         self.wake_outbox()
 
     async def materialise_dm(self, payload: dict[str, Any]) -> Rendered | None:
-        """`delivery = "message"`: mint the token as the DM is sent; store its hash first."""
+        """`delivery = "message"`: mint the token as the DM is sent; store its hash first.
+        (Also the edits a bulk revocation queued unrendered: `reconcile.render`.)"""
+        if payload.get("render"):
+            from .reconcile import render
+
+            return await render(self, payload)
         now = self.clock.now()
         async with self._write() as w:
             req = await store.load(w.conn, payload["request_id"], lock=True)
