@@ -32,7 +32,7 @@ from test_flow import JWT_RE, approve, click, content, dm, incident, request, re
 from bot.core.clock import ManualClock
 from bot.runtime import Runtime
 from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, Sandbox
-from bot.store.schema import audit_log
+from bot.store.schema import audit_log, reviews
 
 SCOPE_BLOCK_START = "[scopes.payments-write]"
 
@@ -97,6 +97,11 @@ async def test_reload_that_removes_a_scope_revokes_and_cancels(sandbox: Sandbox)
     why = json.loads((await audited(box, "revoked", rid))[0].details)
     assert why["why"] == "scope payments-write was removed from the policy"
     assert (await audited(box, "revoked", rid))[0].actor == "policy"
+    # The grant ended, so its review is opened like any other's (contract §7.1).
+    async with box.bot.db.read() as conn:
+        assert (await conn.execute(select(reviews.c.request_id)
+                                   .where(reviews.c.request_id == rid))).first() is not None
+    assert (await audited(box, "review_opened", rid))
     reloaded = await audited(box, "policy_reloaded")
     assert json.loads(reloaded[-1].details)["removed"] == ["payments-write"]
     # Every component reads the new policy: a request for the removed scope is refused
