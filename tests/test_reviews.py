@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from helpers import timed
 from sqlalchemy import select
 
@@ -423,3 +424,19 @@ async def test_the_sweep_sends_each_overdue_reminder_once_across_processes(
     await box.settle()
     assert len([m for m in box.emulator.messages(REVIEWS) if "overdue" in m.text
                 and m.thread_ts is None]) == 1
+
+
+def test_reviewers_default_to_the_scopes_approvers_and_survive_its_removal() -> None:
+    from bot.core.policy import parse_policy
+    from bot.sandbox import sandbox_policy
+
+    text = sandbox_policy("http://127.0.0.1:9", "secret")
+    policy = parse_policy(text)
+    assert policy.reviewer_groups("payments-write") == ["sre-leads"]
+    assert policy.reviewer_groups("gone-scope") == ["sre-leads"]
+    named = parse_policy(text + '\n[reviews]\nreviewers = ["oncall"]\n')
+    assert named.reviewer_groups("payments-write") == ["oncall"]
+    from bot.core.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="reviews.reviewers: unknown group 'nobody'"):
+        parse_policy(text + '\n[reviews]\nreviewers = ["nobody"]\n')

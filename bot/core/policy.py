@@ -583,11 +583,14 @@ class Policy(_Model):
 
     def reviewer_groups(self, scope_name: str) -> list[str]:
         """Groups whose members may sign off a review of a grant of ``scope_name``:
-        ``[reviews] reviewers``, else the scope's approvers (none if the scope is gone)."""
+        ``[reviews] reviewers``, else the scope's approvers; for a scope no longer in the
+        policy, every scope's approvers (so its review can still be signed off)."""
         if self.reviews.reviewers:
             return list(self.reviews.reviewers)
         scope = self.scope_named(scope_name)
-        return list(scope.approvers) if scope is not None else []
+        if scope is not None:
+            return list(scope.approvers)
+        return sorted({g for s in self.scopes.values() for g in s.approvers})
 
     def effective_ttl(self, scope: Scope, requested: timedelta | None) -> tuple[timedelta, bool]:
         """The lifetime a token for ``scope`` gets, and whether the request was cut.

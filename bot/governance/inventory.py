@@ -58,6 +58,7 @@ class Inventory:
         groups: set[str] = set(policy.reviews.reviewers or ())
         for scope in policy.scopes.values():
             groups.update(scope.approvers)
+            groups.update(scope.fallback_approvers)
         return user in await self.service.directory.members(sorted(groups))
 
     async def live(self) -> list[LiveGrant]:
