@@ -27,12 +27,15 @@ RUN groupadd --system --gid 10001 breakglass \
 ENV BREAKGLASS_DATABASE_URL=sqlite+aiosqlite:////data/breakglass.db \
     BREAKGLASS_POLICY=/config/breakglass.toml \
     BREAKGLASS_HOST=0.0.0.0 \
-    BREAKGLASS_PORT=3000
+    BREAKGLASS_PORT=3000 \
+    BREAKGLASS_METRICS_ADDR=0.0.0.0:9464
 
 VOLUME ["/data"]
 WORKDIR /data
 USER 10001:10001
-EXPOSE 3000
+# 3000: Slack, health, JWKS, introspection. 9464: GET /metrics only; publish it to
+# your monitoring network, not to the internet.
+EXPOSE 3000 9464
 
 # 200 only while the database answers (GET /healthz); works in Socket Mode too.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \

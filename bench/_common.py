@@ -274,7 +274,8 @@ class BotProcess:
                "BREAKGLASS_POLICY": str(self.tmp / "policy.toml"),
                "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{self.db_path}",
                "BREAKGLASS_MASTER_KEY": new_master_key(), "BREAKGLASS_HOST": "127.0.0.1",
-               "BREAKGLASS_PORT": str(port), **self.extra_env}
+               "BREAKGLASS_PORT": str(port), "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0",
+               **self.extra_env}
         self.proc = subprocess.Popen([sys.executable, "-m", "bot", "serve", "--log-level", "ERROR"],
                                      env=env)
         self.url = f"http://127.0.0.1:{port}"

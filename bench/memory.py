@@ -99,7 +99,7 @@ async def measure(n: int) -> list[str]:
                    "BREAKGLASS_POLICY": str(tmp / "policy.toml"),
                    "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{db_path}",
                    "BREAKGLASS_MASTER_KEY": master, "BREAKGLASS_HOST": "127.0.0.1",
-                   "BREAKGLASS_PORT": str(port)}
+                   "BREAKGLASS_PORT": str(port), "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0"}
             proc = subprocess.Popen([sys.executable, "-m", "bot", "serve", "--log-level", "WARNING"],
                                     env=env)
             try:

@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     from .delivery.webhooks import WebhookConfigError
     from .keys import WrongMasterKey
-    from .runtime import AppTokenRefused, BotTokenRefused, Runtime
+    from .runtime import AppTokenRefused, BotTokenRefused, MetricsAddrUnusable, Runtime
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -150,6 +150,9 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
         loop.add_signal_handler(signal.SIGHUP, rt.on_sighup)
     try:
         port = await rt.serve_http()
+    except MetricsAddrUnusable as exc:
+        await rt.stop(drain_seconds=1.0)
+        raise Exit(2, str(exc)) from None
     except OSError as exc:
         await rt.stop(drain_seconds=1.0)
         raise Exit(2, preflight.bind_failed(exc, settings.host, settings.port)) from None
@@ -162,6 +165,8 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
         log.info("breakglass in Socket Mode; health and token endpoints on port %s", port)
     else:
         log.info("breakglass listening on %s:%s (POST /slack/events)", settings.host, port)
+    if settings.metrics_addr:
+        log.info("metrics on %s (GET /metrics)", settings.metrics_addr)
     await stop.wait()
     log.info("stopping: draining requests and the outbox (up to 10s)")
     await rt.stop(drain_seconds=10.0)

@@ -11,6 +11,7 @@ from .preflight import host_problem, parse_database_url
 from .store.db import DEFAULT_URL
 
 DEFAULT_API_URL = "https://slack.com/api/"
+DEFAULT_METRICS_ADDR = "127.0.0.1:9464"  # /metrics on its own listener (contract §5)
 
 
 class ConfigError(Exception):
@@ -33,6 +34,10 @@ class Settings:
     master_key: str
     host: str
     port: int
+    # GET /metrics: its own listener (None: none), and the bearer token that opens it on
+    # the main port too (None: /metrics is 404 there).
+    metrics_addr: str | None = DEFAULT_METRICS_ADDR
+    metrics_token: str | None = None
 
     @property
     def socket_mode(self) -> bool:
@@ -85,6 +90,15 @@ class Settings:
                             f"not {api_url!r}")
         if not api_url.endswith("/"):
             api_url += "/"
+        metrics_addr: str | None = get("BREAKGLASS_METRICS_ADDR", DEFAULT_METRICS_ADDR)
+        if metrics_addr and metrics_addr.lower() == "off":
+            metrics_addr = None
+        elif metrics_addr and (bad_addr := listen_addr_problem(metrics_addr)) is not None:
+            problems.append(bad_addr)
+        metrics_token = get("BREAKGLASS_METRICS_TOKEN")
+        if metrics_token is not None and len(metrics_token) < 16:
+            problems.append("BREAKGLASS_METRICS_TOKEN is too short to be a secret: use at least "
+                            "16 random characters (e.g. `openssl rand -hex 32`), or unset it")
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -97,4 +111,27 @@ class Settings:
             master_key=master_key,
             host=host,
             port=int(port_text),
+            metrics_addr=metrics_addr,
+            metrics_token=metrics_token,
         )
+
+
+def split_listen_addr(addr: str) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets: `[::1]:9464`) as (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(addr)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def listen_addr_problem(addr: str) -> str | None:
+    try:
+        host, _ = split_listen_addr(addr)
+    except ValueError:
+        host = ""
+    if not host or host_problem(host) is not None:
+        return (f"BREAKGLASS_METRICS_ADDR {addr!r} is not a listen address: write host:port, "
+                "like 127.0.0.1:9464 (this machine only) or 0.0.0.0:9464, or off")
+    return None

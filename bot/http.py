@@ -249,7 +249,27 @@ async def jwks(request: web.Request) -> web.Response:
                         headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"})
 
 
+def build_metrics_app(rt: Runtime) -> web.Application:
+    """The metrics listener's app (BREAKGLASS_METRICS_ADDR): GET /metrics, nothing else."""
+    app = web.Application()
+    app[RUNTIME] = rt
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
 async def metrics_view(request: web.Request) -> web.Response:
+    """/metrics on the main (public) port: only with `Authorization: Bearer` equal to
+    BREAKGLASS_METRICS_TOKEN, when that is set; 404 otherwise, as if it were not there."""
+    rt: Runtime = request.app[RUNTIME]
+    expected = rt.settings.metrics_token
+    given = request.headers.get("Authorization", "")
+    if not expected or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                                               f"Bearer {expected}".encode()):
+        raise web.HTTPNotFound()
+    return await _metrics(request)
+
+
+async def _metrics(request: web.Request) -> web.Response:
     rt: Runtime = request.app[RUNTIME]
     metrics.OUTBOX_PENDING.set(await rt.dispatcher.pending_count())
     return web.Response(body=generate_latest(metrics.REGISTRY),

@@ -21,7 +21,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from . import audit
 from .audit_publish import GATHER, publish_head
-from .config import Settings
+from .config import Settings, split_listen_addr
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
 from .delivery.webhooks import KIND as WEBHOOK_KIND
@@ -30,7 +30,7 @@ from .directory import Directory
 from .foreground import Foreground
 from .governance.inventory import Inventory
 from .governance.reviews import Reviews
-from .http import SLACK_SIGNATURE, build_web_app
+from .http import SLACK_SIGNATURE, build_metrics_app, build_web_app
 from .introspection import Introspector
 from .key_watch import KeyWatch
 from .keys import AUDIT_KEY_NAME, KeyRing, sealed_secret
@@ -55,6 +55,10 @@ _WAITED: ContextVar[bool] = ContextVar("waited_for_foreground", default=False)
 
 APP_TOKEN_REFUSED = {"invalid_auth", "not_authed", "not_allowed_token_type", "token_revoked",
                      "token_expired", "account_inactive"}
+
+
+class MetricsAddrUnusable(Exception):
+    """BREAKGLASS_METRICS_ADDR could not be listened on; the message says what to do."""
 
 
 class AppTokenRefused(Exception):
@@ -96,6 +100,8 @@ class Runtime:
         self._socket: Any = None
         self._connecting: asyncio.Task[Any] | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self.foreground = Foreground()
         self.identity: identity.Identity | None = None
         # Unverified Slack request bodies: how long one may take, and how many bytes of
@@ -218,7 +224,7 @@ class Runtime:
                 log.warning("auth.test failed (%s): Slack requests are refused until breakglass "
                             "knows its own workspace; retrying", type(exc).__name__)
             return
-        log.info("serving Slack team %s (app %s)", self.identity.team_id,
+        log.debug("serving Slack team %s (app %s)", self.identity.team_id,
                  self.identity.app_id or "not named by auth.test")
 
     async def _identity_loop(self) -> None:
@@ -253,7 +259,28 @@ class Runtime:
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001
         self.port = sockets[0].getsockname()[1] if sockets else port
+        await self._serve_metrics()
         return int(self.port or 0)
+
+    async def _serve_metrics(self) -> None:
+        """GET /metrics on its own listener, BREAKGLASS_METRICS_ADDR (contract §5): not on
+        the public port, where it would show when tokens are issued and used."""
+        addr = self.settings.metrics_addr
+        if not addr:
+            return
+        host, port = split_listen_addr(addr)
+        self._metrics_runner = web.AppRunner(build_metrics_app(self), access_log=None,
+                                             handle_signals=False)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise MetricsAddrUnusable(
+                f"BREAKGLASS_METRICS_ADDR {addr} cannot be listened on "
+                f"({exc.strerror or exc}): set it to a free host:port, or off") from None
+        sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001
+        self.metrics_port = int(sockets[0].getsockname()[1]) if sockets else port
 
     async def start_socket_mode(self) -> None:
         """Check the app-level token once, then connect in the background (the SDK
@@ -390,6 +417,8 @@ class Runtime:
             t.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         await self.prober.close()
         await self.http.close()
         await self.db.dispose()

@@ -166,6 +166,7 @@ class Sandbox:
     bot_token: str = field(default_factory=lambda: "xoxb-" + secrets.token_hex(12))
     master_key: str = field(default_factory=new_master_key)
     client_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    metrics_token: str | None = None
     env: dict[str, str] | None = None  # the bot's environment for [[webhooks]] secrets
 
     async def start(self) -> Sandbox:
@@ -196,7 +197,8 @@ class Sandbox:
         self.settings = Settings(
             bot_token=self.bot_token, signing_secret=self.signing_secret, app_token=None,
             api_url=self.emulator.api_url, policy_path=str(self.directory / "breakglass.toml"),
-            database_url=self.database_url, master_key=self.master_key, host="127.0.0.1", port=0)
+            database_url=self.database_url, master_key=self.master_key, host="127.0.0.1", port=0,
+            metrics_addr="127.0.0.1:0", metrics_token=self.metrics_token)
         await self.start_bot()
         return self
 
@@ -208,6 +210,7 @@ class Sandbox:
         await self.bot.start()
         port = await self.bot.serve_http("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{port}"
+        self.metrics_url = f"http://127.0.0.1:{self.bot.metrics_port}/metrics"
         self.slack = SlackSender(f"{self.url}/slack/events", self.signing_secret, self.emulator)
 
     async def stop_bot(self) -> None:

@@ -42,7 +42,8 @@ class ServeProcess:
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.port = free_port()
-        self.env = {**env, "BREAKGLASS_PORT": str(self.port), "BREAKGLASS_HOST": "127.0.0.1"}
+        self.env = {**env, "BREAKGLASS_PORT": str(self.port), "BREAKGLASS_HOST": "127.0.0.1",
+                    "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0"}
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 import pytest
 from helpers import timed
 from sqlalchemy import func, select
 
 from bot.core.clock import OffsetClock
+from bot.core.kdf import new_master_key
 from bot.emulator import (
     APP_ID,
     TEAM_ID,
@@ -456,3 +458,80 @@ async def test_a_payload_from_another_app_is_not_acted_on(box: Sandbox) -> None:
     assert "another Slack workspace or app" in resp.json["text"]
     await box.settle()
     assert await events(box, rid) == ["requested"] and await request_count(box) == 1
+
+
+# ------------------------------------------------- 9. /metrics off the public port
+
+
+async def get(url: str, **headers: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_metrics_are_on_their_own_listener_not_the_public_port(box: Sandbox) -> None:
+    await command(box, ALICE, "payments-write 30m INC-1 auth down")
+    status, text = await get(box.metrics_url)
+    assert status == 200 and 'breakglass_requests_total{outcome="opened"}' in text
+    assert box.bot.metrics_port not in (None, 9464, box.bot.port)
+    assert (await get(f"{box.url}/metrics"))[0] == 404
+    assert (await get(f"{box.url}/metrics", Authorization="Bearer anything"))[0] == 404
+    # The metrics listener serves nothing else.
+    assert (await get(box.metrics_url.replace("/metrics", "/healthz")))[0] == 404
+
+
+async def test_metrics_on_the_public_port_need_the_bearer_token(tmp_path: Path) -> None:
+    token = secrets.token_urlsafe(32)
+    async with Sandbox(directory=tmp_path, algorithm="ES256", metrics_token=token) as box:
+        status, text = await get(f"{box.url}/metrics", Authorization=f"Bearer {token}")
+        assert status == 200 and "breakglass_requests_total" in text
+        for wrong in ("", f"Bearer {token}x", f"bearer {token[:-1]}", f"Basic {token}"):
+            assert (await get(f"{box.url}/metrics", Authorization=wrong))[0] == 404, wrong
+        assert (await get(f"{box.url}/metrics"))[0] == 404
+
+
+def test_metrics_settings_from_the_environment() -> None:
+    from bot.config import ConfigError, Settings
+
+    base = {"SLACK_BOT_TOKEN": "xoxb-" + secrets.token_hex(8),
+            "SLACK_SIGNING_SECRET": secrets.token_hex(16),
+            "BREAKGLASS_MASTER_KEY": new_master_key()}
+    assert Settings.from_env(base).metrics_addr == "127.0.0.1:9464"
+    assert Settings.from_env(base).metrics_token is None
+    assert Settings.from_env({**base, "BREAKGLASS_METRICS_ADDR": "off"}).metrics_addr is None
+    assert Settings.from_env({**base, "BREAKGLASS_METRICS_ADDR": "[::1]:9100"}).metrics_addr
+    for bad in ("9464", "localhost", "0.0.0.0:http", "http://x:1", "1.2.3.4:70000"):
+        with pytest.raises(ConfigError, match="BREAKGLASS_METRICS_ADDR"):
+            Settings.from_env({**base, "BREAKGLASS_METRICS_ADDR": bad})
+    with pytest.raises(ConfigError, match="BREAKGLASS_METRICS_TOKEN"):
+        Settings.from_env({**base, "BREAKGLASS_METRICS_TOKEN": "short"})
+
+
+async def test_serve_says_when_the_metrics_address_is_taken(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from bot.emulator import SlackEmulator
+    from bot.sandbox import sandbox_policy
+
+    async with SlackEmulator() as slack:
+        policy = tmp_path / "policy.toml"
+        policy.write_text(sandbox_policy("http://127.0.0.1:9", secrets.token_hex(16)))
+        with socket.socket() as taken, socket.socket() as free:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+            free.close()
+            env = {"PATH": "/usr/bin:/bin", "SLACK_BOT_TOKEN": "xoxb-" + secrets.token_hex(8),
+                   "SLACK_SIGNING_SECRET": secrets.token_hex(16), "SLACK_API_URL": slack.api_url,
+                   "BREAKGLASS_POLICY": str(policy), "BREAKGLASS_MASTER_KEY": new_master_key(),
+                   "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bg.db'}",
+                   "BREAKGLASS_HOST": "127.0.0.1", "BREAKGLASS_PORT": str(port),
+                   "BREAKGLASS_METRICS_ADDR": f"127.0.0.1:{taken.getsockname()[1]}"}
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "bot", "serve"], env=env,
+                capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert "BREAKGLASS_METRICS_ADDR" in lines[-1] and "Traceback" not in done.stderr

@@ -131,6 +131,7 @@ class Drill:
             "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{self.db_path}",
             "BREAKGLASS_MASTER_KEY": self.master, "BREAKGLASS_HOST": "127.0.0.1",
             "BREAKGLASS_PORT": str(self.port), "BREAKGLASS_LOG_LEVEL": "WARNING",
+            "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0",
         })
         return env
 
@@ -404,7 +405,7 @@ class Bot:
             "SLACK_API_URL": self.emu.api_url, "BREAKGLASS_POLICY": str(self.tmp / "policy.toml"),
             "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{self.tmp / 'bg.db'}",
             "BREAKGLASS_MASTER_KEY": self.master, "BREAKGLASS_HOST": "127.0.0.1",
-            "BREAKGLASS_PORT": str(self.port),
+            "BREAKGLASS_PORT": str(self.port), "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0",
         })
         self.log = self.tmp / "bot.log"
         with self.log.open("ab") as out:

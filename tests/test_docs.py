@@ -377,7 +377,7 @@ def test_dockerfile_has_the_lines_the_docs_rely_on():
     assert instructions[0] == ("FROM", "python:3.11-slim")
     assert any(re.search(r"pip install --no-cache-dir \"?\.(\[postgres\])?\"?( |$)", v)
                for v in values["RUN"])
-    assert values["EXPOSE"] == ["3000"]
+    assert values["EXPOSE"] == ["3000 9464"]  # the app, and /metrics on its own listener
     assert values["CMD"] == ['["breakglass", "serve"]']
     assert values["VOLUME"] == ['["/data"]']
     env = " ".join(values["ENV"])

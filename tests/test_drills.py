@@ -72,7 +72,7 @@ async def make_box(tmp_path: Path, new_database: Callable[..., str]
 
 
 async def metrics_text(box: Sandbox) -> str:
-    async with aiohttp.ClientSession() as s, s.get(f"{box.url}/metrics") as r:
+    async with aiohttp.ClientSession() as s, s.get(box.metrics_url) as r:
         assert r.status == 200
         return await r.text()
 

@@ -70,7 +70,7 @@ def env(home: Path, slack: SlackEmulator) -> dict[str, str]:
             "SLACK_API_URL": slack.api_url, "BREAKGLASS_POLICY": str(policy),
             "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{home / 'bg.db'}",
             "BREAKGLASS_MASTER_KEY": new_master_key(), "BREAKGLASS_HOST": "127.0.0.1",
-            "BREAKGLASS_PORT": str(free_port())}
+            "BREAKGLASS_PORT": str(free_port()), "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0"}
 
 
 def clean_env(env: dict[str, str]) -> dict[str, str]:

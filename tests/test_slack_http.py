@@ -283,7 +283,7 @@ async def test_metrics(box: Sandbox) -> None:
     await post(box, body, signed(box, body))
     await box.settle()
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{box.url}/metrics") as resp:
+        async with session.get(box.metrics_url) as resp:
             assert resp.status == 200
             assert resp.content_type == "text/plain"
             text = await resp.text()

@@ -88,6 +88,7 @@ class World:
             "BREAKGLASS_MASTER_KEY": self.master_key,
             "BREAKGLASS_HOST": "127.0.0.1",
             "BREAKGLASS_PORT": str(self.port),
+            "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0",
         }
         for key, value in overrides.items():
             if value is None:
@@ -446,7 +447,8 @@ def offline_env(w: World, **overrides: str | None) -> dict[str, str]:
         "BREAKGLASS_POLICY": str(w.policy_path),
         "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{w.directory / 'bg.db'}",
         "BREAKGLASS_MASTER_KEY": w.master_key,
-        "BREAKGLASS_HOST": "127.0.0.1", "BREAKGLASS_PORT": str(w.port)}
+        "BREAKGLASS_HOST": "127.0.0.1", "BREAKGLASS_PORT": str(w.port),
+        "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0"}
     for key, value in overrides.items():
         if value is None:
             env.pop(key, None)

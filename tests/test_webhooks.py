@@ -399,6 +399,7 @@ async def test_serve_exits_2_naming_the_missing_secret_variable(tmp_path):
         "BREAKGLASS_POLICY": str(policy),
         "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bg.db'}",
         "BREAKGLASS_PORT": "39999",
+        "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", "serve", env=env, stdout=asyncio.subprocess.PIPE,
