@@ -607,11 +607,14 @@ ENV_HELP = {
     "BREAKGLASS_OLD_MASTER_KEY": "the master key being replaced; required",
     "BREAKGLASS_HOST": "listen address (default 0.0.0.0)",
     "BREAKGLASS_PORT": "listen port (default 3000)",
+    "BREAKGLASS_METRICS_ADDR": "host:port of the /metrics listener, or off (default 127.0.0.1:9464)",
+    "BREAKGLASS_METRICS_TOKEN": "bearer token that also opens /metrics on the main port",
     "BREAKGLASS_LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL, any case (default INFO)",
 }
 SERVE_ENV = ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "SLACK_API_URL",
              "BREAKGLASS_POLICY", "BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY",
-             "BREAKGLASS_HOST", "BREAKGLASS_PORT", "BREAKGLASS_LOG_LEVEL")
+             "BREAKGLASS_HOST", "BREAKGLASS_PORT", "BREAKGLASS_METRICS_ADDR",
+             "BREAKGLASS_METRICS_TOKEN", "BREAKGLASS_LOG_LEVEL")
 
 
 def _command(sub: Any, name: str, summary: str, description: str,

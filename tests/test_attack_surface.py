@@ -382,7 +382,7 @@ async def test_a_body_that_stalls_is_cut_off_by_the_read_timeout(box: Sandbox) -
 async def test_unverified_bodies_in_flight_are_bounded_by_a_budget(box: Sandbox) -> None:
     from bot.slack.intake import BodyBudget
 
-    box.bot.slack_body_timeout = 3.0
+    box.bot.slack_body_timeout = 4.0
     budget = box.bot.slack_body_budget = BodyBudget(limit=256 * 1024)
     piece = b"command=%2Fbreakglass&pad=" + b"a" * (100 * 1024)
     conns = []
@@ -392,17 +392,20 @@ async def test_unverified_bodies_in_flight_are_bounded_by_a_budget(box: Sandbox)
 
     async def turned_away(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
         with contextlib.suppress(TimeoutError):
-            return await answer_and_close(reader, within=1.0)
+            return await answer_and_close(reader, within=2.0)
         return None  # still being read: its bytes are held against the budget
 
-    busy = [a for a in await asyncio.gather(*(turned_away(r) for r, _ in conns)) if a]
+    answers = await asyncio.gather(*(turned_away(r) for r, _ in conns))
+    busy = [a for a in answers if a]
     assert busy and len(busy) < len(conns), busy
     assert {status for status, _ in busy} == {503}, busy
     assert all(b"Retry-After: 1" in raw for _, raw in busy)
-    assert time.monotonic() - started < 2.5  # turned away at once, not at the timeout
+    assert time.monotonic() - started < 3.5  # turned away at once, not at the 4 s timeout
     assert budget.held <= budget.limit
-    # A real Slack request still gets through once the stalled bodies timed out.
-    await asyncio.sleep(3.2)
+    # The held ones are cut off by the timeout, their bytes given back; Slack gets through.
+    deadline = time.monotonic() + 10
+    while budget.held and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     assert budget.held == 0
     resp = await command(box, ALICE, "status")
     assert resp.status == 200
