@@ -96,6 +96,7 @@ class Serve:
             "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{self.db_path}",
             "BREAKGLASS_MASTER_KEY": self.master, "BREAKGLASS_HOST": "127.0.0.1",
             "BREAKGLASS_PORT": str(self.port), "BREAKGLASS_LOG_LEVEL": "INFO",
+            "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0",
         })
         env.update(extra)
         return env
