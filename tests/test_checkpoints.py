@@ -189,18 +189,21 @@ async def head_of(box: Sandbox) -> tuple[int, str]:
 # --------------------------------------------------------------------------- publishing
 
 
-async def test_a_checkpoint_follows_issued_revealed_and_revoked_within_a_minute(
+async def test_a_checkpoint_follows_issued_revealed_revoked_and_reviewed_within_a_minute(
         box: Sandbox) -> None:
     rid = await flow_to_issued(box)
     await sweeps(box)
     assert posted(box) == []  # a security event waits briefly for others to share its checkpoint
     seen = 0
-    for step in ("issued", "revealed", "revoked"):
+    for step in ("issued", "revealed", "revoked", "reviewed"):
         if step == "revealed":
             await box.slack.click(ALICE, "bg_reveal", rid, channel_id=box.emulator.dm_channel_for(ALICE))
             await box.settle()
         elif step == "revoked":
             await box.slack.command(BOB, f"revoke {rid}")
+            await box.settle()
+        elif step == "reviewed":
+            await box.slack.command(CAROL, f"review {rid} Refunds replayed by hand; runbook updated")
             await box.settle()
         event = await last_event(box.bot.db, step)
         clock(box).advance(STEP)
