@@ -38,14 +38,15 @@ def summary(name: str, ms: list[float]) -> str:
 
 def load_policy(n_requesters: int, n_approvers: int, *, quorum: int = 2, trigger_timeout: str = "2s",
                 delivery: str = "reveal", rate_limit: int = 100_000,
-                extra: str = "") -> Callable[[str, str], str]:
+                extra: str = "", algorithm: str = "RS256") -> Callable[[str, str], str]:
     """The sandbox's policy sized for load: (probe_url, client_secret) -> policy text."""
     from bot.sandbox import sandbox_policy
 
     requesters = [f"U0REQ{i:05d}" for i in range(n_requesters)]
     approvers = [f"U0APP{i:05d}" for i in range(n_approvers)]
     return lambda probe_url, client_secret: sandbox_policy(
-        probe_url, client_secret, delivery=delivery, quorum=quorum, requesters=requesters,
+        probe_url, client_secret, delivery=delivery, algorithm=algorithm, quorum=quorum,
+        requesters=requesters,
         approvers=approvers, rate_limit=rate_limit, auth_timeout=trigger_timeout, extra=extra)
 
 
@@ -102,6 +103,13 @@ class WebhookSink:
     async def stop(self) -> None:
         await self.runner.cleanup()
 
+    def reset(self) -> None:
+        """Forget what arrived: each bench scenario starts a bot of its own."""
+        self.ids = [set() for _ in range(self.n)]
+        self.duplicates = [0] * self.n
+        self.bad_signatures = 0
+        self.last_at = [0.0] * self.n
+
     def policy(self) -> str:
         return "".join(f'\n[[webhooks]]\nurl = "{url}"\nsecret_env = "BENCH_WEBHOOK_{i}"\n'
                        f"events = {json.dumps(self.EVENTS)}\n" for i, url in enumerate(self.urls))
@@ -132,41 +140,46 @@ def click_fields(user: str, action_id: str, value: str, channel: str, response_u
     return {"payload": json.dumps(payload)}
 
 
-async def _fire(url: str, secret: str, forms: list[dict[str, str]], concurrency: int) -> list[float]:
-    """POST each form, `concurrency` at once; latency in ms for each.
+async def _fire(url: str | list[str], secret: str, forms: list[dict[str, str]],
+                concurrency: int) -> list[float]:
+    """POST each form, `concurrency` at once; latency in ms for each. With several URLs
+    (replicas), form i goes to url i mod N: commands and clicks spread round-robin.
 
     Bodies are signed before the clock starts and the connections are opened
     (with GET /healthz) first, so the figures are the server's answer time plus
     the client's own cost, which the bare-handler baseline shows."""
+    urls = [url] if isinstance(url, str) else list(url)
     latencies: list[float] = []
     ts = str(int(time.time()))
     signed = []
-    for form in forms:
+    for i, form in enumerate(forms):
         body = urlencode(form).encode()
-        signed.append((body, {"X-Slack-Request-Timestamp": ts,
-                              "X-Slack-Signature": compute_signature(secret, ts, body),
-                              "Content-Type": "application/x-www-form-urlencoded"}))
-    health = url.rsplit("/slack/events", 1)[0] + "/healthz"
-    connector = aiohttp.TCPConnector(limit=concurrency)
+        signed.append((urls[i % len(urls)], body,
+                       {"X-Slack-Request-Timestamp": ts,
+                        "X-Slack-Signature": compute_signature(secret, ts, body),
+                        "Content-Type": "application/x-www-form-urlencoded"}))
+    connector = aiohttp.TCPConnector(limit=concurrency * len(urls),
+                                     limit_per_host=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def warm() -> None:
-            async with session.get(health) as resp:
+        async def warm(target: str) -> None:
+            async with session.get(target.rsplit("/slack/events", 1)[0] + "/healthz") as resp:
                 await resp.read()
 
-        await asyncio.gather(*(warm() for _ in range(concurrency)))
-        queue: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue()
+        await asyncio.gather(*(warm(u) for u in urls
+                               for _ in range(max(1, concurrency // len(urls)))))
+        queue: asyncio.Queue[tuple[str, bytes, dict[str, str]]] = asyncio.Queue()
         for item in signed:
             queue.put_nowait(item)
 
         async def worker() -> None:
             while not queue.empty():
-                body, headers = queue.get_nowait()
+                target, body, headers = queue.get_nowait()
                 start = time.perf_counter()
-                async with session.post(url, data=body, headers=headers) as resp:
+                async with session.post(target, data=body, headers=headers) as resp:
                     await resp.read()
                     if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status} from {url}")
+                        raise RuntimeError(f"HTTP {resp.status} from {target}")
                 latencies.append((time.perf_counter() - start) * 1000)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -191,7 +204,7 @@ class LoadGenerator:
         self._proc.start()
         return self
 
-    async def fire(self, url: str, secret: str, forms: list[dict[str, str]],
+    async def fire(self, url: str | list[str], secret: str, forms: list[dict[str, str]],
                    concurrency: int) -> list[float]:
         self._jobs.put((url, secret, forms, concurrency))
         result: list[float] = await asyncio.to_thread(self._results.get)
@@ -202,7 +215,7 @@ class LoadGenerator:
         await asyncio.to_thread(self._proc.join)
 
 
-async def fire_in_process(url: str, secret: str, forms: list[dict[str, str]],
+async def fire_in_process(url: str | list[str], secret: str, forms: list[dict[str, str]],
                           concurrency: int) -> list[float]:
     """One job on a load generator of its own."""
     async with LoadGenerator() as gen:
@@ -236,25 +249,119 @@ async def wait_healthy(base_url: str, attempts: int = 300) -> None:
     raise TimeoutError(f"{base_url}/healthz never answered 200")
 
 
+class BenchDatabase:
+    """The bot's database for one bench: a SQLite file in `tmp`, or, given a PostgreSQL
+    admin URL, a fresh database `bench_<random>` on that server, dropped at the end.
+    The bench reads it through SQLAlchemy (bot.store.db.Database), whichever backend."""
+
+    def __init__(self, tmp: Path, admin_url: str | None = None) -> None:
+        self.admin_url = admin_url
+        self.name: str | None = None
+        self.url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+        self._db: Any = None
+
+    @property
+    def backend(self) -> str:
+        return "PostgreSQL" if self.admin_url else "SQLite"
+
+    async def _admin(self, sql: str) -> None:
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        assert self.admin_url is not None
+        engine = create_async_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text(sql))
+        finally:
+            await engine.dispose()
+
+    async def create(self) -> str:
+        """Where the bot keeps its data (the bot makes its tables when it starts)."""
+        if self.admin_url is not None:
+            import secrets
+
+            from sqlalchemy.engine import make_url
+
+            self.name = f"bench_{secrets.token_hex(5)}"
+            await self._admin(f'CREATE DATABASE "{self.name}"')
+            self.url = make_url(self.admin_url).set(database=self.name).render_as_string(
+                hide_password=False)
+        return self.url
+
+    async def query(self, sql: str, **params: object) -> list[tuple[Any, ...]]:
+        """Rows of one read (`:name` parameters), on either backend."""
+        from sqlalchemy import text
+
+        from bot.store.db import Database
+
+        if self._db is None:
+            self._db = Database(self.url)
+        async with self._db.read() as conn:
+            return [tuple(r) for r in (await conn.execute(text(sql), params)).all()]
+
+    async def backend_pids(self) -> list[int]:
+        """PostgreSQL's server processes serving this database (the bots' connections);
+        none on SQLite."""
+        if self.admin_url is None:
+            return []
+        rows = await self.query("SELECT pid FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        return [int(r[0]) for r in rows]
+
+    async def drop(self) -> None:
+        if self._db is not None:
+            await self._db.dispose()
+            self._db = None
+        if self.admin_url is not None and self.name is not None:
+            await self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            self.name = None
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc); 0 if gone."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far, all cores (Linux /proc/stat)."""
+    import os
+
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class BotProcess:
-    """`python -m bot serve` in its own process, with the Slack emulator and the probe
-    target in this one, so the bot's event loop serves only the bot."""
+    """`python -m bot serve` in processes of their own (`replicas` of them sharing one
+    database: SQLite in `tmp`, or a fresh PostgreSQL database given `postgres`, an admin
+    URL), with the Slack emulator and the probe target in this process, so the bot's
+    event loops serve only the bot. `url` is the first replica; `urls` all of them."""
 
     def __init__(self, policy: Callable[[str, str], str], tmp: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, *, postgres: str | None = None,
+                 replicas: int = 1) -> None:
         self.policy_for = policy
         self.tmp = Path(tmp)
         self.extra_env = env or {}
+        self.database = BenchDatabase(self.tmp, postgres)
+        self.replicas = replicas
+        self.procs: list[Any] = []
+
+    @property
+    def label(self) -> str:
+        return f"{self.database.backend}, {self.replicas} replica{'s' if self.replicas > 1 else ''}"
 
     async def start(self) -> BotProcess:
-        import os
         import secrets
-        import socket
-        import subprocess
-        import sys
 
-        from bot.core.kdf import new_master_key
-        from bot.emulator import SlackEmulator, SlackSender
+        from bot.emulator import SlackEmulator
         from bot.sandbox import ProbeTarget
 
         self.probes = ProbeTarget()
@@ -265,36 +372,63 @@ class BotProcess:
         self.client_secret = secrets.token_urlsafe(16)
         policy = self.policy_for(self.probes.url, self.client_secret)
         (self.tmp / "policy.toml").write_text(policy)
-        self.db_path = self.tmp / "bench.db"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        try:
+            await self._start_replicas(await self.database.create())
+        except BaseException:
+            await self.stop()  # no serve process and no bench database is left behind
+            raise
+        self.slack = self.senders[0]
+        return self
+
+    async def _start_replicas(self, database_url: str) -> None:
+        import os
+        import secrets
+        import socket
+        import subprocess
+        import sys
+
+        from bot.core.kdf import new_master_key
+        from bot.emulator import SlackSender
+
         env = {**os.environ, "SLACK_BOT_TOKEN": "xoxb-" + secrets.token_hex(8),
                "SLACK_SIGNING_SECRET": self.signing_secret, "SLACK_API_URL": self.emulator.api_url,
                "BREAKGLASS_POLICY": str(self.tmp / "policy.toml"),
-               "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{self.db_path}",
+               "BREAKGLASS_DATABASE_URL": database_url,
                "BREAKGLASS_MASTER_KEY": new_master_key(), "BREAKGLASS_HOST": "127.0.0.1",
-               "BREAKGLASS_PORT": str(port), "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0",
+               "BREAKGLASS_METRICS_ADDR": "127.0.0.1:0",  # replicas on one host: no fixed port
                **self.extra_env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "bot", "serve", "--log-level", "ERROR"],
-                                     env=env)
-        self.url = f"http://127.0.0.1:{port}"
-        await wait_healthy(self.url)
-        self.slack = SlackSender(f"{self.url}/slack/events", self.signing_secret, self.emulator)
-        return self
+        self.urls = []
+        for i in range(self.replicas):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            self.procs.append(subprocess.Popen(  # noqa: S603
+                [sys.executable, "-m", "bot", "serve", "--log-level", "ERROR"],
+                env={**env, "BREAKGLASS_PORT": str(port)}))
+            self.urls.append(f"http://127.0.0.1:{port}")
+            if i == 0:  # the first one makes the tables; the others start on them together
+                await wait_healthy(self.urls[0])
+        await asyncio.gather(*(wait_healthy(u) for u in self.urls[1:]))
+        self.url = self.urls[0]
+        self.events_urls = [f"{u}/slack/events" for u in self.urls]
+        self.senders = [SlackSender(u, self.signing_secret, self.emulator)
+                        for u in self.events_urls]
 
-    def query(self, sql: str, *args: object) -> Any:
-        import sqlite3
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
-        con = sqlite3.connect(self.db_path, timeout=30)
-        try:
-            return con.execute(sql, args).fetchall()
-        finally:
-            con.close()
+    async def query(self, sql: str, **params: object) -> list[tuple[Any, ...]]:
+        """Rows of one read of the bot's database (`:name` parameters), either backend."""
+        return await self.database.query(sql, **params)
 
     async def stop(self) -> None:
-        await self.slack.close()
-        self.proc.terminate()
-        await asyncio.to_thread(self.proc.wait, 30)
+        for sender in getattr(self, "senders", []):
+            await sender.close()
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            await asyncio.to_thread(proc.wait, 30)
+        await self.database.drop()
         await self.emulator.stop()
         await self.probes.stop()

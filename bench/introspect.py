@@ -29,6 +29,7 @@ import multiprocessing as mp
 import re
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from urllib.parse import urlencode, urlsplit
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 _JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 
 
@@ -53,6 +56,8 @@ class Result:
     unexpected: int  # 200 answers without the expected text
     client_cpu: float = 0.0  # CPU seconds the load generator used while measuring
     server_cpu: float = 0.0  # CPU seconds the server process used while measuring
+    rest_cpu: float | None = None  # the rest of the machine, serve processes only
+    db_cpu: float | None = None  # PostgreSQL's processes serving the bots' connections
 
     @property
     def rate(self) -> float:
@@ -62,8 +67,9 @@ class Result:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection: send, read one whole response, send again."""
 
-    def __init__(self, load: _Load) -> None:
+    def __init__(self, load: _Load, request: bytes) -> None:
         self.load = load
+        self.request = request
         self.buf = b""
         self.started = 0.0
         self.transport: asyncio.Transport | None = None
@@ -76,7 +82,7 @@ class _Conn(asyncio.Protocol):
     def send(self) -> None:
         assert self.transport is not None
         self.started = time.perf_counter()
-        self.transport.write(self.load.request)
+        self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -107,8 +113,7 @@ class _Conn(asyncio.Protocol):
 
 
 class _Load:
-    def __init__(self, request: bytes, expect: bytes, measuring_from: float) -> None:
-        self.request = request
+    def __init__(self, expect: bytes, measuring_from: float) -> None:
         self.expect = expect
         self.running = True
         self.measuring_from = measuring_from
@@ -139,21 +144,27 @@ class _Load:
             self.all_closed.set_result(None)
 
 
-async def _drive(url: str, request: bytes, expect: bytes, connections: int, warmup: float,
-                 duration: float) -> Result:
+async def _drive(targets: list[tuple[str, bytes]], expect: bytes, connections: int,
+                 warmup: float, duration: float, mark: Any = None) -> Result:
+    """Connection i goes to target i mod N (replicas share the connections evenly)."""
     loop = asyncio.get_running_loop()
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
     start = time.perf_counter()
-    load = _Load(request, expect, start + warmup)
-    for _ in range(connections):
-        _, conn = await loop.create_connection(lambda: _Conn(load), host, port)
+    load = _Load(expect, start + warmup)
+    for i in range(connections):
+        url, request = targets[i % len(targets)]
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        _, conn = await loop.create_connection(lambda r=request: _Conn(load, r), host, port)  # type: ignore[misc]
         load.open.add(conn)
     await asyncio.sleep(warmup - (time.perf_counter() - start))
+    if mark is not None:
+        mark("start")  # the parent reads the servers' CPU clocks at both marks
     cpu = time.process_time()
     await asyncio.sleep(warmup + duration - (time.perf_counter() - start))
     load.running = False
     cpu = time.process_time() - cpu
+    if mark is not None:
+        mark("end")
     measured = time.perf_counter() - load.measuring_from
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(load.all_closed, 10)
@@ -165,9 +176,9 @@ async def _drive(url: str, request: bytes, expect: bytes, connections: int, warm
     return Result(len(lat), measured, pct(0.50), pct(0.99), load.errors, load.unexpected, cpu)
 
 
-def _child(url: str, request: bytes, expect: bytes, connections: int, warmup: float,
+def _child(targets: list[tuple[str, bytes]], expect: bytes, connections: int, warmup: float,
            duration: float, out: Any) -> None:
-    out.put(asyncio.run(_drive(url, request, expect, connections, warmup, duration)))
+    out.put(asyncio.run(_drive(targets, expect, connections, warmup, duration, out.put)))
 
 
 def http_request(url: str, token: str, client_id: str, secret: str) -> bytes:
@@ -180,19 +191,44 @@ def http_request(url: str, token: str, client_id: str, secret: str) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode("ascii") + body
 
 
-async def run_load(url: str, request: bytes, expect: bytes, *, connections: int, warmup: float,
-                   duration: float) -> Result:
-    """Drive `url` from a separate process; this process's event loop keeps serving."""
+async def run_load(url: str | list[str], request: bytes | list[bytes], expect: bytes, *,
+                   connections: int, warmup: float, duration: float,
+                   server_pids: list[int] | None = None,
+                   db_pids: Callable[[], Awaitable[list[int]]] | None = None) -> Result:
+    """Drive `url` (or each of several, with its own request) from a separate process;
+    this process's event loop keeps serving. With `server_pids` (serve processes), the
+    server's CPU is theirs, and the rest of the machine's busy time is reported too; with
+    `db_pids`, PostgreSQL's backends for the bots' database apart from that rest."""
+    from bench._common import machine_cpu_seconds, proc_cpu_seconds
+
+    urls = [url] if isinstance(url, str) else url
+    requests = [request] if isinstance(request, bytes) else request
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(url, request, expect, connections, warmup, duration,
-                                            out), daemon=True)
+    proc = ctx.Process(target=_child, args=(list(zip(urls, requests, strict=True)), expect,
+                                            connections, warmup, duration, out), daemon=True)
     proc.start()
+
+    def servers() -> float:
+        return sum(proc_cpu_seconds(pid) for pid in server_pids or [])
+
     try:
-        await asyncio.sleep(warmup + 0.5)  # the child starts (spawn) and warms up
-        cpu = time.process_time()
-        result: Result = await asyncio.to_thread(out.get, True, duration + 60)
-        result.server_cpu = time.process_time() - cpu
+        # the child starts (spawn), warms up, then marks the start and the end of measuring
+        await asyncio.to_thread(out.get, True, warmup + 120)
+        backends = await db_pids() if db_pids is not None else []
+        cpu, their, machine = time.process_time(), servers(), machine_cpu_seconds()
+        db = sum(proc_cpu_seconds(pid) for pid in backends)
+        await asyncio.to_thread(out.get, True, duration + 60)
+        own = time.process_time() - cpu
+        theirs, machine = servers() - their, machine_cpu_seconds() - machine
+        db = sum(proc_cpu_seconds(pid) for pid in backends) - db
+        result: Result = await asyncio.to_thread(out.get, True, 60)
+        if server_pids:
+            result.server_cpu = theirs
+            result.db_cpu = db if backends else None
+            result.rest_cpu = max(0.0, machine - theirs - result.client_cpu - own - db)
+        else:
+            result.server_cpu = own
     finally:
         await asyncio.to_thread(proc.join, 10)
     return result
@@ -234,10 +270,12 @@ async def token_from_flow(box: Any) -> str:
     raise RuntimeError("the reveal modal held no token")
 
 
-def _line(name: str, r: Result) -> str:
-    return (f"{name:<14} {r.rate:>9.0f} req/s   p50 {r.p50_ms:6.2f} ms   p99 {r.p99_ms:6.2f} ms"
+def _line(name: str, r: Result, width: int = 14) -> str:
+    rest = "" if r.db_cpu is None else f", PostgreSQL {r.db_cpu / r.seconds:.0%}"
+    rest += "" if r.rest_cpu is None else f", rest of the machine {r.rest_cpu / r.seconds:.0%}"
+    return (f"{name:<{width}} {r.rate:>9.0f} req/s   p50 {r.p50_ms:6.2f} ms   p99 {r.p99_ms:6.2f} ms"
             f"   CPU: server {r.server_cpu / r.seconds:.0%}, load generator "
-            f"{r.client_cpu / r.seconds:.0%}   ({r.requests} requests in {r.seconds:.1f}s, {r.errors} errors"
+            f"{r.client_cpu / r.seconds:.0%}{rest}   ({r.requests} requests in {r.seconds:.1f}s, {r.errors} errors"
             + (f", {r.unexpected} unexpected answers" if r.unexpected else "") + ")")
 
 
@@ -312,6 +350,142 @@ async def main(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# ------------------------------------------------- PostgreSQL and replicas (serve processes)
+
+
+async def token_from_process(bot: Any) -> str:
+    """A token through the real flow (command, two approvals, reveal) on `serve` processes."""
+    from bench._common import wait_healthy
+
+    user, emu = "U0REQ00000", bot.emulator
+    await wait_healthy(bot.url)
+    await bot.slack.command(user, "payments-write 30m INC-4521 bench")
+    rid = await _poll(lambda: bot.query("SELECT id FROM requests"), "the request")
+    for k, approver in enumerate(("U0APP00000", "U0APP00001")):
+        sender = bot.senders[k % len(bot.senders)]
+        await sender.click(approver, "bg_approve", rid[0][0], channel_id="C0REVIEWS")
+    await _poll(lambda: bot.query("SELECT id FROM requests WHERE state = 'issued'"), "the token")
+
+    async def dm() -> list[Any]:
+        return [c for c in emu.calls if c.method == "chat.postMessage" and c.fault is None
+                and str(c.params.get("channel", "")) == user]
+
+    await _poll(dm, "the token DM")
+    await bot.slack.click(user, "bg_reveal", rid[0][0], channel_id=emu.dm_channel_for(user))
+
+    async def views() -> list[Any]:
+        return list(emu.views)
+
+    for block in (await _poll(views, "the reveal modal"))[-1].view.get("blocks", []):
+        found = _JWT.search(block.get("text", {}).get("text", ""))
+        if found:
+            return found.group(0)
+    raise RuntimeError("the reveal modal held no token")
+
+
+async def _poll(fetch: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := await fetch():
+            return got
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{what} never came")
+
+
+def configurations(args: argparse.Namespace) -> list[tuple[str | None, int]]:
+    """(PostgreSQL admin URL or None for SQLite, replicas): the one asked for, after,
+    with --compare, SQLite with one replica and the asked backend with one replica."""
+    asked = (args.postgres, args.replicas)
+    runs: list[tuple[str | None, int]] = []
+    if args.compare:
+        runs.append((None, 1))
+        if args.replicas > 1:
+            runs.append((args.postgres, 1))
+    return [r for i, r in enumerate(runs) if r not in runs[:i] and r != asked] + [asked]
+
+
+def _name(postgres: str | None, replicas: int) -> str:
+    return ("PostgreSQL" if postgres else "SQLite") + (f" x{replicas}" if replicas > 1 else "")
+
+
+async def main_processes(args: argparse.Namespace) -> int:
+    """Hello, then each configuration's `serve` processes, round after round, all in one run;
+    the best run of each and the same-run ratios at the end."""
+    import contextlib
+    import tempfile
+
+    from bench._common import BotProcess, load_policy, write_section
+
+    out = io.StringIO()
+
+    def print(line: str) -> None:  # to the terminal and, with --write-docs, the docs
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        out.write(line + "\n")
+
+    runs = configurations(args)
+    names = [_name(*r) for r in runs]
+    width = max(14, *(len(f"{args.rounds}. {n}") for n in names))
+    kw = dict(connections=args.connections, warmup=args.warmup, duration=args.duration)
+    print(f"{args.connections} connections, {args.duration:g}s per run (+{args.warmup:g}s warm-up), "
+          f"{args.rounds} rounds of hello then " + ", ".join(names) + " (`python -m bot serve` "
+          "processes; replicas share the connections), load generator in its own process; "
+          f"{args.algorithm} tokens; CPU is % of one core")
+    results: dict[str, list[Result]] = {name: [] for name in ["hello", *names]}
+    counted: dict[str, int] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        bots = []
+        for postgres, replicas in runs:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bg-bench-"))
+            bot = await BotProcess(load_policy(1, 2, algorithm=args.algorithm), tmp,
+                                   postgres=postgres, replicas=replicas).start()
+            stack.push_async_callback(bot.stop)
+            bots.append((bot, await token_from_process(bot)))
+        runner, hello_url = await hello_server()
+        stack.push_async_callback(runner.cleanup)
+        hello_request = http_request(hello_url, bots[0][1], "payments-api", bots[0][0].client_secret)
+        for n in range(1, args.rounds + 1):
+            results["hello"].append(await run_load(hello_url, hello_request, b"Hello, world", **kw))
+            print(_line(f"{n}. hello", results["hello"][-1], width))
+            for name, (bot, token) in zip(names, bots, strict=True):
+                urls = [f"{u}/oauth2/introspect" for u in bot.urls]
+                requests = [http_request(u, token, "payments-api", bot.client_secret) for u in urls]
+                results[name].append(await run_load(urls, requests, b'"active": true',
+                                                    server_pids=bot.pids,
+                                                    db_pids=bot.database.backend_pids, **kw))
+                print(_line(f"{n}. {name}", results[name][-1], width))
+        for name, (bot, _token) in zip(names, bots, strict=True):
+            await asyncio.sleep(1.5)  # the introspectors' use counts reach the database
+            counted[name] = int((await bot.query('SELECT sum("count") FROM token_uses'))[0][0] or 0)
+    best = {name: max(rs, key=lambda r: r.rate) for name, rs in results.items()}
+    print("best runs:")
+    for name, r in best.items():
+        print(_line(name, r, width))
+    if best["hello"].rate:
+        print("introspect/hello ratio R: " + ", ".join(
+            f"{name} {best[name].rate / best['hello'].rate:.2f}" for name in names))
+    for i, base in enumerate(names):
+        for other in names[i + 1:]:
+            a, b = best[other], best[base]
+            per_cpu = ((a.requests / a.server_cpu) / (b.requests / b.server_cpu)
+                       if a.server_cpu and b.server_cpu else 0.0)
+            print(f"same run, {other} / {base}: throughput {a.rate / b.rate:.2f}x, "
+                  f"p99 {a.p99_ms / b.p99_ms:.2f}x, requests per bot CPU second {per_cpu:.2f}x")
+    print("uses counted in token_uses: " + ", ".join(f"{n} {c}" for n, c in counted.items())
+          + " (every introspection, warm-ups included)")
+    errors = sum(r.errors + r.unexpected for rs in results.values() for r in rs)
+    if errors:
+        print(f"FAILED: {errors} errors or unexpected answers")
+    if args.write_docs and not errors:
+        section = "introspect_postgres" if any(p for p, _ in runs) else "introspect_replicas"
+        command = "python bench/introspect.py" + "".join(
+            f" {flag}" for flag, on in [("--postgres URL", args.postgres),
+                                        (f"--replicas {args.replicas}", args.replicas > 1),
+                                        ("--compare", args.compare)] if on)
+        write_section(section, out.getvalue(), command)
+    return 1 if errors else 0
+
+
 def cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/introspect.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -322,9 +496,26 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--algorithm", default="RS256", choices=["RS256", "ES256", "EdDSA"])
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.freeze() once started: full collections skip the start-up heap")
+    p.add_argument("--postgres", metavar="URL",
+                   help="run the bot (`python -m bot serve`) on PostgreSQL: an admin URL such as "
+                        "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres; the bench creates "
+                        "a fresh database bench_<random> there and drops it at the end")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="N serve processes on the one database, the connections spread over them")
+    p.add_argument("--compare", action="store_true",
+                   help="in the same run, also SQLite with one replica (and, with --replicas N, "
+                        "the same backend with one replica), and print the ratios")
     p.add_argument("--write-docs", action="store_true",
-                   help="replace the introspect section of docs/performance.md")
-    return asyncio.run(main(p.parse_args(argv)))
+                   help="replace the introspect section (introspect_postgres or "
+                        "introspect_replicas with those options) of docs/performance.md")
+    args = p.parse_args(argv)
+    if args.replicas < 1:
+        p.error("--replicas takes a whole number of at least 1")
+    if args.postgres and not args.postgres.startswith("postgresql"):
+        p.error("--postgres takes a URL such as postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
+    if args.postgres or args.replicas > 1 or args.compare:
+        return asyncio.run(main_processes(args))
+    return asyncio.run(main(args))
 
 
 if __name__ == "__main__":
