@@ -41,8 +41,10 @@ FORM = "application/x-www-form-urlencoded"
 
 
 @pytest.fixture
-async def box(tmp_path: Path) -> AsyncIterator[Sandbox]:
-    async with Sandbox(directory=tmp_path, algorithm="ES256") as started:
+async def box(tmp_path: Path, database_url: str) -> AsyncIterator[Sandbox]:
+    """A running bot on the test's database backend (SQLite, then PostgreSQL)."""
+    async with Sandbox(directory=tmp_path, algorithm="ES256",
+                       database_url=database_url) as started:
         yield started
 
 
@@ -95,12 +97,13 @@ def incident(box: Sandbox, word: str) -> list[str]:
 
 
 @pytest.fixture
-async def frozen_sweeper(tmp_path: Path) -> AsyncIterator[tuple[Sandbox, OffsetClock]]:
+async def frozen_sweeper(tmp_path: Path, database_url: str
+                         ) -> AsyncIterator[tuple[Sandbox, OffsetClock]]:
     """A bot whose clock the test moves and whose sweeper has not run since the start:
     what a click, a reveal or a revocation sees just after a deadline, before the sweep."""
     clock = OffsetClock()
     async with Sandbox(directory=tmp_path, algorithm="ES256", clock=clock,
-                       sweep_interval=3600) as started:
+                       sweep_interval=3600, database_url=database_url) as started:
         yield started, clock
 
 
@@ -171,8 +174,10 @@ async def test_a_signed_ssl_check_is_200(box: Sandbox) -> None:
 # --------------------------------------------------------- 3. rate limit, concurrently
 
 
-async def test_twenty_concurrent_commands_with_rate_limit_5_open_exactly_5(tmp_path: Path) -> None:
-    async with Sandbox(directory=tmp_path, algorithm="ES256", rate_limit=5) as box:
+async def test_twenty_concurrent_commands_with_rate_limit_5_open_exactly_5(
+        tmp_path: Path, database_url: str) -> None:
+    async with Sandbox(directory=tmp_path, algorithm="ES256", rate_limit=5,
+                       database_url=database_url) as box:
         sent = await asyncio.gather(*(timed(box.slack.command(
             ALICE, f"payments-write 30m INC-{n} attempt {n}")) for n in range(20)))
         await box.settle()
@@ -249,12 +254,12 @@ def everything_posted(box: Sandbox) -> list[tuple[str, str]]:
     return out
 
 
-async def test_user_text_is_escaped_in_every_message(tmp_path: Path) -> None:
+async def test_user_text_is_escaped_in_every_message(tmp_path: Path, database_url: str) -> None:
     """A permissive incident_pattern takes `INC-1<!channel>` as the incident; the reason,
     the scope and the ID as typed carry pings too. Slack sends &, < and > escaped in
     command text, as here. None of it pings anyone, wherever it is shown."""
-    async with Sandbox(directory=tmp_path, algorithm="ES256",
-                       incident_pattern=r"[^ ]+") as box:
+    async with Sandbox(directory=tmp_path, algorithm="ES256", incident_pattern=r"[^ ]+",
+                       database_url=database_url) as box:
         def slack_escaped(text: str) -> str:
             return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -288,9 +293,11 @@ async def test_user_text_is_escaped_in_every_message(tmp_path: Path) -> None:
 # --------------------------------------- 6. a future-stamped signature stays remembered
 
 
-async def test_a_future_stamped_signature_is_kept_until_its_own_window_ends(tmp_path: Path) -> None:
+async def test_a_future_stamped_signature_is_kept_until_its_own_window_ends(
+        tmp_path: Path, database_url: str) -> None:
     clock = OffsetClock()
-    async with Sandbox(directory=tmp_path, algorithm="ES256", clock=clock) as box:
+    async with Sandbox(directory=tmp_path, algorithm="ES256", clock=clock,
+                       database_url=database_url) as box:
         stamp = int(time.time()) + 290  # Slack's clock 4m50s ahead: still accepted
         fields = command_fields(box.emulator, ALICE, "status")
         body = urlencode(fields).encode()
