@@ -440,3 +440,26 @@ def test_reviewers_default_to_the_scopes_approvers_and_survive_its_removal() -> 
 
     with pytest.raises(PolicyError, match="reviews.reviewers: unknown group 'nobody'"):
         parse_policy(text + '\n[reviews]\nreviewers = ["nobody"]\n')
+
+
+async def test_reviewer_group_from_a_slack_user_group_is_mentioned_and_may_sign_off(
+        make_box: MakeBox) -> None:
+    clock = OffsetClock()
+    auditor = "U0AUDITOR"
+    box = await make_box(clock=clock, extra_policy=(
+        '[reviews]\nreviewers = ["auditors"]\n\n[groups.auditors]\nusergroup = "S0AUDIT"\n'))
+    box.emulator.set_usergroup("S0AUDIT", [auditor])
+    rid = await grant(box)
+    await command(box, BOB, f"revoke {rid}")
+    message = await wait_thread(box, rid)
+    assert "auditors" in content(message)
+
+    # An approver who is not a reviewer may not sign off; the user group's member may.
+    resp = await command(box, CAROL, f"review {rid} fine")
+    assert "Only a member of auditors" in seen(box, resp)
+    clock.advance(timedelta(hours=25))
+    await box.emulator.wait_for(lambda: any(
+        "<!subteam^S0AUDIT>" in m.text for m in box.emulator.messages(REVIEWS)), timeout=5)
+    resp = await command(box, auditor, f"review {rid} Checked with the payments team.")
+    assert "signed off" in seen(box, resp)
+    assert (await review_row(box, rid)).reviewed_by == auditor
