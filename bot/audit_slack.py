@@ -276,19 +276,15 @@ async def record_alert(db: Database, audit_key: bytes, target: Target, failed: S
     """The alert as an audit row `alert`; with the policy's webhooks attached, the same
     transaction queues the webhook event `alert` (a running bot sends it). Returns a
     line saying what happened."""
-    from .delivery.webhooks import WebhookConfigError, Webhooks
+    from .delivery.webhooks import Webhooks
 
     hooks = None
+    note = ""
     if target.webhooks:
-        try:
-            hooks = Webhooks(target.webhooks, target.env)
-        except WebhookConfigError as exc:
-            note = f"; webhooks not told: {exc}"
-        else:
-            hooks.attach(db)
-            note = f"; the webhook event alert is queued for {len(target.webhooks)} webhook(s)"
-    else:
-        note = ""
+        # Queued with the audit row; a running bot signs and sends it (no secret needed here).
+        hooks = Webhooks.enqueue_only(target.webhooks)
+        hooks.attach(db)
+        note = f"; the webhook event alert is queued for {len(target.webhooks)} webhook(s)"
     details = {"kind": alerts.CHECKPOINT_MISMATCH, "text": alert_text(failed),
                "channel": target.channel, "first_bad_seq": first_bad_seq,
                "problems": list(failed[:20])}

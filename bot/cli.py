@@ -241,7 +241,7 @@ def operator_actor() -> str:
 
 async def _keys(args: argparse.Namespace) -> int:
     from . import audit
-    from .delivery.webhooks import WebhookConfigError, Webhooks
+    from .delivery.webhooks import Webhooks
     from .governance.alerts import KEY_ROTATED, MASTER_KEY_ROTATED, raise_alert_in
     from .keys import AUDIT_KEY_NAME, KeyRing, WrongMasterKey, sealed_secret
     from .store.db import Database
@@ -291,10 +291,8 @@ async def _keys(args: argparse.Namespace) -> int:
     try:
         await db.create_schema()
         if policy is not None and policy.webhooks:
-            try:
-                Webhooks(policy.webhooks, os.environ).attach(db)
-            except WebhookConfigError as exc:
-                print(f"breakglass: warning: webhooks not told ({exc})", file=sys.stderr)
+            # Queued with the audit rows; the serving bot signs and sends them (no secret here).
+            Webhooks.enqueue_only(policy.webhooks).attach(db)
         now = datetime.now(UTC)
         if args.keys_cmd == "rotate":
             assert policy is not None
