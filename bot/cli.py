@@ -259,6 +259,7 @@ async def _keys(args: argparse.Namespace) -> int:
         except MasterKeyError as exc:
             message = str(exc).replace("BREAKGLASS_MASTER_KEY", "BREAKGLASS_OLD_MASTER_KEY")
             raise Exit(2, message) from None
+    no_alert = ""
     if args.keys_cmd == "rotate":
         policy: Policy | None = _policy_or_exit(policy_path)[0]
     else:
@@ -268,8 +269,9 @@ async def _keys(args: argparse.Namespace) -> int:
             policy = load_policy(policy_path)
         except PolicyError as exc:
             policy = None
-            print(f"breakglass: warning: no alert posted ({exc.errors[0]}); the rotation is "
-                  "audited", file=sys.stderr)
+            # Said once the database is known to be there (else nothing is rotated at all).
+            no_alert = (f"breakglass: warning: no alert posted ({exc.errors[0]}); the rotation "
+                        "is audited")
     actor = operator_actor()
     audit_key = b""
 
@@ -288,6 +290,8 @@ async def _keys(args: argparse.Namespace) -> int:
         db = Database(url)
     else:
         db = await _existing_db(url)  # re-encrypting the keys of no database is a mistake
+    if no_alert:
+        print(no_alert, file=sys.stderr)
     try:
         await db.create_schema()
         if policy is not None and policy.webhooks:

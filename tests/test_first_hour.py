@@ -7,8 +7,12 @@ directory, a file that is not a database, PostgreSQL without asyncpg, a port in 
 a bad BREAKGLASS_HOST, an unknown log level, several variables missing) must end in
 exit status 2 and one line per problem naming the setting and what to do, never a
 traceback; a log level in lower case is accepted. Commands that read a database
-(`audit verify`, `audit export`, `outbox retry`, `keys rotate-master`) never create
-one: no file, or a database without breakglass's tables, is exit 2 "no database at …".
+(`audit verify`, `audit export`, `outbox retry`, `keys rotate-master`, `drills`,
+`db current`, `reviews`, `tokens list`) never create one: no file, or a database
+without breakglass's tables (SQLite or PostgreSQL), is exit 2 "no database at …".
+At start, a bot token Slack refuses is exit 2 naming SLACK_BOT_TOKEN, and a reviewer
+or incident channel the bot is not in (or written as a name) is a warning naming it
+and `/invite @breakglass`, while the bot keeps serving.
 """
 
 from __future__ import annotations
@@ -301,7 +305,8 @@ async def test_missing_variables_and_a_bad_policy_are_reported_together(
 
 
 READERS = [("audit", "verify"), ("audit", "export"), ("outbox", "retry"),
-           ("keys", "rotate-master"), ("drills",), ("db", "current")]
+           ("keys", "rotate-master"), ("drills",), ("db", "current"), ("reviews",),
+           ("tokens", "list")]
 
 
 @pytest.mark.parametrize("command", READERS, ids=" ".join)
