@@ -204,6 +204,10 @@ class LoadGenerator:
         self._proc.start()
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
     async def fire(self, url: str | list[str], secret: str, forms: list[dict[str, str]],
                    concurrency: int) -> list[float]:
         self._jobs.put((url, secret, forms, concurrency))
@@ -336,6 +340,47 @@ def machine_cpu_seconds() -> float:
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
     return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Where the CPU went between start() and stop(), as shares of one core: the bot's
+    processes, the load generator, this process (the Slack emulator, the probe target,
+    webhook receivers), PostgreSQL's processes serving the bot's database, and the rest
+    of the machine. On two cores, whatever sits near 100% (or all of them near 200%
+    together) is what limits the run."""
+
+    def __init__(self, bot: BotProcess, load_pid: int | None) -> None:
+        self.bot, self.load_pid = bot, load_pid
+
+    async def _pids(self) -> dict[str, list[int]]:
+        return {"bot": self.bot.pids, "load generator": [self.load_pid] if self.load_pid else [],
+                "PostgreSQL": await self.bot.database.backend_pids()}
+
+    async def start(self) -> None:
+        self.first = {pid: proc_cpu_seconds(pid) for pids in (await self._pids()).values()
+                      for pid in pids}
+        self.own, self.machine, self.wall = time.process_time(), machine_cpu_seconds(), time.perf_counter()
+
+    async def stop(self) -> str:
+        groups = await self._pids()  # a connection opened during the run counts whole
+        used = {name: sum(max(0.0, proc_cpu_seconds(pid) - self.first.get(pid, 0.0))
+                          for pid in pids) for name, pids in groups.items()}
+        used["this process"] = time.process_time() - self.own
+        machine = machine_cpu_seconds() - self.machine
+        wall = time.perf_counter() - self.wall
+        if not self.bot.database.admin_url:
+            del used["PostgreSQL"]
+        rest = max(0.0, machine - sum(used.values()))
+        return ("CPU during the run, as shares of one core: " + ", ".join(
+            f"{name} {v / wall:.0%}" for name, v in used.items())
+            + f", rest of the machine {rest / wall:.0%} (all together {machine / wall:.0%} "
+            f"of {100 * cpu_count()}%)")
+
+
+def cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class BotProcess:

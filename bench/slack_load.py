@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import (  # noqa: E402
     BotProcess,
+    CpuMeter,
     LoadGenerator,
     WebhookSink,
     click_fields,
@@ -201,6 +202,8 @@ async def thousand(lines: list[str], n: int) -> None:
         url, secret = bot.events_urls, bot.signing_secret
         marks: list[tuple[str, float]] = []
         await gen.fire(url, secret, [command_fields("U0REQ00000", "help", emu.new_response_url())], 1)
+        cpu = CpuMeter(bot, gen.pid)
+        await cpu.start()
         started = time.perf_counter()
         forms = [command_fields(f"U0REQ{i:05d}", f"payments-write 10m INC-{i} bench",
                                 emu.new_response_url()) for i in range(n)]
@@ -229,6 +232,7 @@ async def thousand(lines: list[str], n: int) -> None:
         await wait_until(lambda: len(emu.calls_to("views.open")) >= n, 120, "all reveals")
         elapsed = time.perf_counter() - started
         marks.append(("all revealed", elapsed))
+        cpu_line = await cpu.stop()
         revealed = await n_requests(bot, "revealed")
         jtis = await count(bot, "SELECT count(DISTINCT jti) FROM requests")
         hashes = await count(bot, "SELECT count(DISTINCT token_hash) FROM requests")
@@ -247,7 +251,8 @@ async def thousand(lines: list[str], n: int) -> None:
             f"{issued_rows}, reveal modals {views}, token DMs {token_dms}, duplicates {dup}; "
             f"channel posts still queued: {backlog}",
             f"target exactly {n} tokens, 0 duplicates, <= 30 s: "
-            f"{'met' if revealed == n and dup == 0 and elapsed <= 30 else 'MISSED'}"])
+            f"{'met' if revealed == n and dup == 0 and elapsed <= 30 else 'MISSED'}",
+            cpu_line])
         if SINK is not None:
             await webhook_figures(bot, SINK, started, elapsed, lines)
 
