@@ -286,9 +286,17 @@ class BenchDatabase:
             import secrets
 
             from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import SQLAlchemyError
 
-            self.name = f"bench_{secrets.token_hex(5)}"
-            await self._admin(f'CREATE DATABASE "{self.name}"')
+            name = f"bench_{secrets.token_hex(5)}"
+            try:
+                await self._admin(f'CREATE DATABASE "{name}"')
+            except (OSError, SQLAlchemyError) as exc:
+                shown = make_url(self.admin_url).render_as_string(hide_password=True)
+                raise SystemExit(f"--postgres {shown}: could not create a database there "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0]}); give the "
+                                 "URL of a running server and a role that may CREATE DATABASE") from None
+            self.name = name
             self.url = make_url(self.admin_url).set(database=self.name).render_as_string(
                 hide_password=False)
         return self.url
