@@ -726,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
              "Re-encrypt the signing keys and the audit key under a new master key: "
              "BREAKGLASS_OLD_MASTER_KEY opens them, BREAKGLASS_MASTER_KEY seals them again. "
              "All or nothing. The database must exist.",
-             ("BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY", "BREAKGLASS_OLD_MASTER_KEY"))
+             ("BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY", "BREAKGLASS_OLD_MASTER_KEY",
+              "BREAKGLASS_POLICY"))
     k.set_defaults(func=cmd_keys)
     a = _command(sub, "audit", "the tamper-evident audit log",
                  "Check or export the audit log. `breakglass audit SUBCOMMAND --help` for each.")

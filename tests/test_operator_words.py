@@ -161,7 +161,7 @@ EXPECTED_ENV: dict[tuple[str, ...], set[str]] = {
     ("check-policy",): {"BREAKGLASS_POLICY"},
     ("keys", "rotate"): {"BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY", "BREAKGLASS_POLICY"},
     ("keys", "rotate-master"): {"BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY",
-                                "BREAKGLASS_OLD_MASTER_KEY"},
+                                "BREAKGLASS_OLD_MASTER_KEY", "BREAKGLASS_POLICY"},
     ("audit", "verify"): {"BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY"},
     ("audit", "export"): {"BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY"},
     ("outbox", "retry"): {"BREAKGLASS_DATABASE_URL"},
@@ -181,6 +181,19 @@ def test_every_subcommand_says_what_it_does_and_what_it_reads() -> None:
         if not listed:
             assert "reads no environment variables" in text, (path, text)
         assert EXPECTED_ENV.get(path, listed) <= listed, (path, listed)
+
+
+def test_every_variable_the_code_reads_is_in_some_help_page() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "bot"
+    read = set()
+    for path in root.rglob("*.py"):
+        read |= set(re.findall(r"\"((?:BREAKGLASS|SLACK)_[A-Z_]+)\"", path.read_text("utf-8")))
+    pages = "\n".join(parser.format_help() for _, parser in leaves(build_parser()))
+    missing = sorted(v for v in read if not re.search(rf"^\s+{v}\s", pages, re.M))
+    assert not missing, f"read by bot/ but listed by no --help page: {missing}"
+    assert read <= set(ENV_HELP)
 
 
 async def run(*args: str) -> tuple[int, str, str]:
