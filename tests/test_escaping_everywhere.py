@@ -1,12 +1,13 @@
-"""Every user-supplied field (the reason, the incident reference, the scope and the ID
-as typed) is escaped in every message that shows it, whatever kind of message it is.
+"""Every user-supplied field (the reason, the incident reference, a review's summary,
+the scope and the ID as typed) is escaped in every message that shows it, whatever kind of message it is.
 
 One flow with a permissive `incident_pattern` (the incident is `INC-1<!channel>`) and
 pings in the reason drives every kind of message the bot sends about a request: the
 approval card and its edits, the incident channel's requested, issued, used, denied,
 cancelled, revoked, expired (request and token) and refused posts, the reminder, the
 expiry warning, the DMs (reveal, revealed, closed, denied, expired), the token modal,
-`/breakglass status`, a drill, and the acks and replies to commands typed with pings as
+`/breakglass status`, `/breakglass tokens`, a review's summary (in the thread and the
+incident channel), a drill, and the acks and replies to commands typed with pings as
 scope or ID. Then, class-wide: no message anywhere carries a ping unescaped; and each
 kind of message that shows the incident shows it escaped (so the first check is not
 passing because the field was left out).
@@ -30,6 +31,7 @@ PINGS = ("<!channel>", "<!here>", "<!everyone>", "<@U0MALLORY>", "<https://evil.
          "<#C0GENERAL>", "<!subteam^S0EVIL>")
 INCIDENT_REF = "INC-1<!channel>"
 SHOWN = "INC-1&lt;!channel&gt;"
+REVIEW = "rotated the key <!channel> ping <@U0MALLORY> <https://evil.example|x>"
 REASON = (f"{INCIDENT_REF} auth down <!here> <@U0MALLORY> <https://evil.example|x> "
           "<#C0GENERAL> <!subteam^S0EVIL> & <!everyone>")
 
@@ -95,6 +97,9 @@ async def test_every_field_is_escaped_in_every_kind_of_message(tmp_path: Path) -
         expiring = await _request(box, acks)
         for approver in (BOB, CAROL):
             await _click(box, acks, approver, "bg_approve", expiring)
+        acks.append(await _do(box, box.slack.command(BOB, "tokens")))  # the live inventory
+        acks.append(await _do(box, box.slack.command(CAROL, slack_escaped(
+            f"review {issued} {REVIEW}"))))  # a summary is user text too
         clock.advance(timedelta(minutes=3))
         await box.bot.service.sweep()  # the reminder about `waiting`
         await box.settle()
@@ -132,7 +137,10 @@ async def test_every_field_is_escaped_in_every_kind_of_message(tmp_path: Path) -
     cards = [t for w, t in sent if w.startswith("chat.") and REVIEWS in w]
     assert any(SHOWN in t and "auth down &lt;!here&gt; &lt;@U0MALLORY&gt;" in t for t in cards)
     assert any("&lt;!subteam^S0EVIL&gt;" in t and "&amp; &lt;!everyone&gt;" in t for t in cards)
+    reviewed = [t for _, t in sent if "rotated the key &lt;!channel&gt; ping" in t]
+    assert reviewed, "the review's summary is shown, escaped"
     replies = [t for w, t in sent if w in ("reply", "ack")]
+    assert any(SHOWN in t and expiring in t for t in replies)  # /breakglass tokens
     for shown in ("There is no scope `&lt;!here&gt;`", "no request or token `&lt;!channel&gt;`",
                   "`list` is not a /breakglass command", "`&lt;@u0mallory&gt;`"):
         assert any(shown in t for t in replies), shown
