@@ -49,9 +49,9 @@ from bot.store.schema import requests  # noqa: E402
 NARROWED = ('permissions = ["payments:read", "payments:write"]', 'permissions = ["payments:read"]')
 
 
-async def seed(db_path: Path, n: int) -> None:
+async def seed(url: str, n: int) -> None:
     """n live (revealed) payments-write grants, written as the bot writes them."""
-    db = Database(f"sqlite+aiosqlite:///{db_path}")
+    db = Database(url)
     now = datetime.now(UTC)
     grant = json.dumps({"audience": "payments-api", "permissions": ["payments:read", "payments:write"]})
     try:
@@ -71,9 +71,10 @@ async def seed(db_path: Path, n: int) -> None:
         await db.dispose()
 
 
-def count(bot: BotProcess, state: str) -> int:
-    return int(bot.query("SELECT count(*) FROM requests WHERE state = ? AND id LIKE 'RB%'",
-                         state)[0][0])
+async def count(bot: BotProcess, state: str) -> int:
+    rows = await bot.query("SELECT count(*) FROM requests WHERE state = :state AND id LIKE 'RB%'",
+                           state=state)
+    return int(rows[0][0])
 
 
 async def run(n: int) -> list[str]:
@@ -97,30 +98,37 @@ async def run(n: int) -> list[str]:
                 idle = await gen.fire(url, secret, commands("I"), 100)
 
                 started = time.perf_counter()
-                await seed(bot.db_path, n)
+                await seed(bot.database.url, n)
                 seeded_in = time.perf_counter() - started
-                assert count(bot, "revealed") == n
+                assert await count(bot, "revealed") == n
                 await asyncio.sleep(3)  # the idle commands' background work settles
 
                 policy_path = bot.tmp / "policy.toml"
                 policy_path.write_text(policy_path.read_text().replace(*NARROWED))
                 t0 = time.perf_counter()
-                bot.proc.send_signal(signal.SIGHUP)
+                bot.procs[0].send_signal(signal.SIGHUP)
                 first = None
-                while count(bot, "revoked") == 0:
+                while await count(bot, "revoked") == 0:
                     if time.perf_counter() - t0 > 30:
                         raise TimeoutError("no grant revoked 30 s after SIGHUP")
                     await asyncio.sleep(0.005)
                 first = time.perf_counter() - t0
-                fired = asyncio.create_task(gen.fire(url, secret, commands("R"), 100))
+                answered: list[float] = []
+
+                async def wave() -> list[float]:
+                    got = await gen.fire(url, secret, commands("R"), 100)
+                    answered.append(time.perf_counter() - t0)
+                    return got
+
+                fired = asyncio.create_task(wave())
                 revoked = 0
-                while (revoked := count(bot, "revoked")) < n:
+                while (revoked := await count(bot, "revoked")) < n:
                     if time.perf_counter() - t0 > 60:
                         raise TimeoutError(f"only {revoked} of {n} revoked after 60 s")
                     await asyncio.sleep(0.01)
                 pass_s = time.perf_counter() - t0
                 during = await fired
-                wave_done = time.perf_counter() - t0
+                wave_done = answered[0]
                 posts = [m.text for m in emu.messages("C0INCIDENT")]
                 lines.extend([
                     f"seeded {n} live grants in {seeded_in:.1f}s",
