@@ -12,7 +12,10 @@ What a real `serve` does on SIGHUP and on a file change is in test_live_serve.py
 - the membership re-check revokes a grant whose holder left the Slack user group,
   and does not when Slack fails;
 - an approval whose membership Slack cannot confirm within 10 minutes is refused
-  with "could not confirm your membership of sre-leads; try again".
+  with "could not confirm your membership of sre-leads; try again";
+- a reload that changes `[tokens] algorithm` signs new tokens with it, old ones verify;
+- after `rotate-master` (and a `rotate` under the new master key) a process still on
+  the old master key keeps signing with the key it holds and says it needs the new one.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from datetime import timedelta
 from typing import Any
 
 import aiohttp
+import jwt
 from helpers import timed
 from sqlalchemy import func, select
 from test_flow import JWT_RE, approve, click, content, dm, incident, request, reveal, row
 
 from bot.core.clock import ManualClock
+from bot.core.kdf import new_master_key
+from bot.keys import KeyRing
 from bot.runtime import Runtime
 from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, Sandbox
 from bot.store.schema import audit_log, reviews
@@ -321,3 +327,42 @@ async def test_policy_file_watcher_and_sandbox_policy_helpers(tmp_path: Any) -> 
         assert box.bot.live.text == text
     finally:
         await box.stop()
+
+
+# ------------------------------------------------------------------- keys, in process
+
+
+async def test_algorithm_change_by_reload_signs_with_the_new_algorithm(sandbox: Sandbox) -> None:
+    box = sandbox
+    _, old_token = await live_grant(box)
+    assert jwt.get_unverified_header(old_token)["alg"] == "RS256"
+    text = box.policy_text.replace('algorithm = "RS256"', 'algorithm = "ES256"')
+    assert (await box.bot.reload_policy(text)).outcome == "reloaded"
+    _, new_token = await live_grant(box)
+    assert jwt.get_unverified_header(new_token)["alg"] == "ES256"
+    assert (await introspect(box, old_token))["active"] is True  # signed before: still valid
+    assert (await introspect(box, new_token))["active"] is True
+
+
+async def test_a_running_process_after_rotate_master_keeps_its_keys(sandbox: Sandbox) -> None:
+    """keys rotate-master, then keys rotate, while this process still has the old master
+    key: it keeps signing with the key it holds, says it needs the new master key, and
+    every token it signed keeps verifying (docs/operations.md)."""
+    box = sandbox
+    _, before = await live_grant(box)
+    kid = box.bot.keyring.current.kid
+    new_master = new_master_key()
+    await KeyRing.rotate_master(box.bot.db, box.master_key, new_master)
+    assert await box.bot.key_watch.check() is True
+    assert box.bot.keyring.master_outdated and box.bot.key_watch.status != "ok"
+    assert box.bot.keyring.current.kid == kid
+    # A new signing key made under the new master key (another process, or the CLI).
+    other = await KeyRing.open(box.bot.db, new_master, "RS256", box.bot.clock.now())
+    new_kid = await other.rotate(box.bot.db, box.bot.clock.now())
+    await box.bot.key_watch.check()
+    assert box.bot.keyring.current.kid == kid  # cannot open the new one: keeps its own
+    assert new_kid in box.bot.keyring.unreadable
+    _, after = await live_grant(box)
+    assert jwt.get_unverified_header(after)["kid"] == kid
+    for token in (before, after):
+        assert (await introspect(box, token))["active"] is True
