@@ -97,6 +97,32 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_secret(args: argparse.Namespace) -> int:
+    from .core import client_secrets
+
+    ln = client_secrets.DEFAULT_LN if args.ln is None else args.ln
+    if not client_secrets.MIN_LN <= ln <= client_secrets.MAX_LN:
+        raise Exit(2, f"--ln must be from {client_secrets.MIN_LN} to {client_secrets.MAX_LN}, "
+                   f"not {ln}")
+    if sys.stdin.isatty():
+        import getpass
+
+        line = getpass.getpass("client secret: ")
+    else:
+        line = sys.stdin.readline()
+    secret = line[:-1] if line.endswith("\n") else line
+    if secret.endswith("\r"):
+        secret = secret[:-1]
+    if not secret:
+        raise Exit(2, "no client secret on standard input: "
+                   "printf %s \"$CLIENT_SECRET\" | breakglass hash-secret")
+    if len(secret) < 16:
+        print("warning: the secret is shorter than 16 characters; use a random one, e.g. "
+              "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'", file=sys.stderr)
+    print(f'secret_hash = "{client_secrets.hash_secret(secret, ln=ln)}"')
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Every problem with the environment, the database path and the policy at once,
     each on its own line, before anything starts."""
@@ -712,6 +738,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", nargs="?", help="the policy file (default: BREAKGLASS_POLICY, "
                    "else ./breakglass.toml)")
     c.set_defaults(func=cmd_check_policy)
+    hs = _command(sub, "hash-secret", "hash a relying service's client secret for the policy",
+                  "Read a client secret from standard input (one line; a trailing newline is "
+                  "dropped) and print `secret_hash = \"scrypt$…\"` for its [clients.NAME] "
+                  "entry: a slow, salted hash (scrypt). The secret is never printed or stored.")
+    hs.add_argument("--ln", type=int, default=None, metavar="N",
+                    help="log2 of scrypt's cost N, 12 to 22 (default 15: about 32 MiB per check)")
+    hs.set_defaults(func=cmd_hash_secret)
     k = _command(sub, "keys", "signing and master keys",
                  "Manage the master key and the token signing keys. "
                  "`breakglass keys SUBCOMMAND --help` for each.")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import hmac
 import json
 import logging
@@ -12,14 +9,14 @@ import time
 import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from . import metrics
+from . import client_auth, metrics
 from .core.policy import Client
 from .introspection import INACTIVE_BODY
 from .slack import acks, identity, intake
@@ -40,7 +37,6 @@ JWKS_CACHE_SECONDS = 5.0  # seconds this process reuses the key set it built
 _JWKS_CACHE: weakref.WeakKeyDictionary[Runtime, tuple[float, float, str, bytes]] = (
     weakref.WeakKeyDictionary())
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-_NO_CLIENT = "0" * 64  # compared against when the client id is unknown: same work
 _ACTIVE = metrics.INTROSPECTIONS.labels(active="true")
 _INACTIVE = metrics.INTROSPECTIONS.labels(active="false")
 
@@ -276,25 +272,19 @@ async def _metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _authenticate(request: web.Request, clients: dict[str, Client]) -> tuple[str, Client] | None:
-    """HTTP Basic client authentication (RFC 6749 §2.3.1), constant-time on the secret.
-
-    Unknown client, wrong secret, a malformed header: None, after the same work."""
-    header = request.headers.get("Authorization", "")
-    if header[:6].lower() != "basic " or len(header) > 4096:
-        return None
-    try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    client_id, sep, secret = decoded.partition(":")
-    client_id, secret = unquote(client_id), unquote(secret)
-    client = clients.get(client_id)
-    digest = hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
-    expected = client.secret_sha256 if client is not None else _NO_CLIENT
-    if not hmac.compare_digest(digest, expected) or not sep or client is None:
-        return None
-    return client_id, client
+async def _authenticate(request: web.Request, rt: Runtime
+                        ) -> tuple[str, Client] | web.Response:
+    """HTTP Basic client authentication (RFC 6749 §2.3.1), throttled and cached
+    (client_auth.py): the client, or the 401 or 429 to answer."""
+    result = await rt.client_auth.authenticate(request.headers.get("Authorization", ""),
+                                               request.remote, rt.policy.clients)
+    if isinstance(result, client_auth.Refused):
+        if result.status == 429:
+            return _no_store({"error": "slow_down", "error_description":
+                              "too many failed client authentications; retry later"},
+                             status=429, headers={"Retry-After": str(result.retry_after)})
+        return _unauthorized()
+    return result
 
 
 def _unauthorized() -> web.Response:
@@ -342,16 +332,17 @@ def _token_field(body: bytes) -> str | None:
     return values[0] if values else None
 
 
-def _no_store(data: dict[str, Any], status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, headers=_NO_STORE)
+def _no_store(data: dict[str, Any], status: int = 200,
+              headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers={**_NO_STORE, **(headers or {})})
 
 
 async def introspect(request: web.Request) -> web.Response:
     """RFC 7662. Every token that is not active for this client: 200 {"active": false}."""
     rt: Runtime = request.app[RUNTIME]
-    auth = _authenticate(request, rt.policy.clients)
-    if auth is None:
-        return _unauthorized()
+    auth = await _authenticate(request, rt)
+    if isinstance(auth, web.Response):
+        return auth
     token = await _token_form(request)
     if token is None:
         return _invalid_request("a form-encoded body with a token field is required")
@@ -367,9 +358,9 @@ async def introspect(request: web.Request) -> web.Response:
 async def revoke(request: web.Request) -> web.Response:
     """RFC 7009: 200 for any token string, known or not, live or not."""
     rt: Runtime = request.app[RUNTIME]
-    auth = _authenticate(request, rt.policy.clients)
-    if auth is None:
-        return _unauthorized()
+    auth = await _authenticate(request, rt)
+    if isinstance(auth, web.Response):
+        return auth
     token = await _token_form(request)
     if token is None:
         return _invalid_request("a form-encoded body with a token field is required")

@@ -14,6 +14,10 @@ REFUSALS = Counter("breakglass_refusals_total", "Refusals by reason", ["code"],
                    registry=REGISTRY)
 INTROSPECTIONS = Counter("breakglass_introspections_total", "Introspections by result",
                          ["active"], registry=REGISTRY)
+CLIENT_AUTH_FAILURES = Counter(
+    "breakglass_client_auth_failures_total",
+    "Failed client authentications on /oauth2/introspect and /oauth2/revoke, by reason "
+    "(malformed, unknown_client, bad_secret, throttled)", ["reason"], registry=REGISTRY)
 OUTBOX_SENT = Counter("breakglass_outbox_sent_total", "Slack events delivered", ["kind"],
                       registry=REGISTRY)
 OUTBOX_RETRIES = Counter("breakglass_outbox_retries_total", "Slack deliveries retried",

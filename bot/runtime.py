@@ -21,6 +21,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from . import audit
 from .audit_publish import GATHER, publish_head
+from .client_auth import ClientAuthenticator
 from .config import Settings, split_listen_addr
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
@@ -104,6 +105,7 @@ class Runtime:
         self._metrics_runner: web.AppRunner | None = None
         self.foreground = Foreground()
         self.identity: identity.Identity | None = None
+        self.client_auth = ClientAuthenticator()
         # Unverified Slack request bodies: how long one may take, and how many bytes of
         # them every request together may hold (slack/intake.py).
         self.slack_body_timeout = intake.BODY_TIMEOUT

@@ -8,7 +8,6 @@ over real HTTP.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import secrets
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import Settings
+from .core import client_secrets
 from .core.clock import Clock
 from .core.kdf import new_master_key
 from .core.policy import parse_policy
@@ -41,7 +41,8 @@ def sandbox_policy(probe_url: str, client_secret: str, *, delivery: str = "revea
                    tokens_extra: str = "", scope_extra: str = "",
                    approver_usergroup: str | None = None) -> str:
     """The demo's policy; the keyword arguments size it for tests and benchmarks."""
-    digest = hashlib.sha256(client_secret.encode()).hexdigest()
+    # A real scrypt hash, at the cheapest cost the policy accepts (tests start many bots).
+    digest = client_secrets.hash_secret(client_secret, ln=client_secrets.MIN_LN)
     escalate_line = f'escalate_after = "{escalate}"' if escalate else ""
     rate_line = f"rate_limit = {rate_limit}" if rate_limit is not None else ""
     if incident_pattern is not None:  # a JSON string is a TOML basic string
@@ -106,7 +107,7 @@ max_ttl = "15m"
 triggers = ["primary-db-down"]
 
 [clients.payments-api]
-secret_sha256 = "{digest}"
+secret_hash = "{digest}"
 audiences = ["payments-api"]
 {extra}
 """

@@ -7,8 +7,11 @@ stalled bodies, foreign workspaces, escaping, client-secret guessing, /metrics).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -545,3 +548,136 @@ async def test_serve_says_when_the_metrics_address_is_taken(tmp_path: Path) -> N
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert "BREAKGLASS_METRICS_ADDR" in lines[-1] and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------- 8. guessing relying services' secrets
+
+
+def basic(client_id: str, secret: str) -> dict[str, str]:
+    raw = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+    return {"Authorization": f"Basic {raw}"}
+
+
+async def post_form(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], str]:
+    async with aiohttp.ClientSession() as s, s.post(url, data={"token": "x"},
+                                                    headers=headers) as r:
+        return r.status, dict(r.headers), await r.text()
+
+
+def failures(text: str, reason: str) -> float:
+    found = re.search(rf'breakglass_client_auth_failures_total{{reason="{reason}"}} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("path", ["/oauth2/introspect", "/oauth2/revoke"])
+async def test_wrong_client_secrets_are_throttled_logged_and_counted(
+        box: Sandbox, path: str, caplog: pytest.LogCaptureFixture) -> None:
+    url = f"{box.url}{path}"
+    before = (await get(box.metrics_url))[1]
+    assert (await post_form(url, basic("payments-api", box.client_secret)))[0] == 200
+    answers = [await post_form(url, basic("payments-api", secrets.token_urlsafe(12)))
+               for _ in range(30)]
+    statuses = [status for status, _, _ in answers]
+    assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}, statuses
+    retry = [int(headers["Retry-After"]) for status, headers, _ in answers if status == 429]
+    assert all(0 < r <= 60 for r in retry)
+    after = (await get(box.metrics_url))[1]
+    assert failures(after, "bad_secret") - failures(before, "bad_secret") == 10
+    assert failures(after, "throttled") - failures(before, "throttled") == 20
+    logged = [r.getMessage() for r in caplog.records if "client authentication failed" in
+              r.getMessage()]
+    assert len(logged) >= 10 and all("payments-api" in m for m in logged)
+    assert box.client_secret not in caplog.text
+    # The client that proved its secret before is not locked out by someone guessing.
+    assert (await post_form(url, basic("payments-api", box.client_secret)))[0] == 200
+
+
+async def test_guessing_client_names_from_one_address_is_throttled(box: Sandbox) -> None:
+    url = f"{box.url}/oauth2/introspect"
+    statuses = [(await post_form(url, basic(f"guess-{n}", "x" * 20)))[0] for n in range(14)]
+    assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}, statuses
+
+
+OLD_SECRET = "ledger-" + secrets.token_hex(12)
+OLD_CLIENT = (f'\n[clients.ledger-sync]\nsecret_sha256 = '
+              f'"{hashlib.sha256(OLD_SECRET.encode()).hexdigest()}"\n'
+              'audiences = ["payments-api"]\n')
+SLOW_SECRET = "slow-" + secrets.token_hex(12)
+
+
+async def test_secret_hash_and_the_older_secret_sha256_are_both_accepted(
+        tmp_path: Path, database_url: str) -> None:
+    from bot.core.client_secrets import hash_secret
+
+    slow = (f'\n[clients.reports]\nsecret_hash = "{hash_secret(SLOW_SECRET)}"\n'
+            'audiences = ["payments-api"]\n')
+    async with Sandbox(directory=tmp_path, algorithm="ES256", database_url=database_url,
+                       extra_policy=OLD_CLIENT + slow) as box:
+        url = f"{box.url}/oauth2/introspect"
+        assert (await post_form(url, basic("ledger-sync", OLD_SECRET)))[0] == 200
+        assert (await post_form(url, basic("ledger-sync", OLD_SECRET + "x")))[0] == 401
+        # A secret verified once (scrypt, N = 2**15) is remembered: a hundred more
+        # introspections take far less than a hundred scrypt checks would.
+        assert (await post_form(url, basic("reports", SLOW_SECRET)))[0] == 200
+        started = time.perf_counter()
+        for _ in range(100):
+            assert (await post_form(url, basic("reports", SLOW_SECRET)))[0] == 200
+        assert time.perf_counter() - started < 5.0
+
+
+async def test_check_policy_warns_about_secret_sha256_and_hash_secret_makes_the_new_key(
+        tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from bot.core.policy import parse_policy
+    from bot.sandbox import sandbox_policy
+
+    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bot", *args], input=stdin,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    made = await asyncio.to_thread(cli, "hash-secret", stdin=SLOW_SECRET + "\n")
+    assert made.returncode == 0, made.stderr
+    line = made.stdout.strip()
+    assert line.startswith('secret_hash = "scrypt$ln=15,r=8,p=1$') and SLOW_SECRET not in line
+    text = sandbox_policy("http://127.0.0.1:9", "s" * 20) + OLD_CLIENT.replace(
+        "[clients.ledger-sync]", "[clients.ledger-sync]") + (
+        f'\n[clients.reports]\n{line}\naudiences = ["payments-api"]\n')
+    policy = parse_policy(text)
+    from bot.core import client_secrets
+
+    stored = client_secrets.parse(policy.clients["reports"].secret_hash or "")
+    assert client_secrets.verify(SLOW_SECRET, stored)
+    assert not client_secrets.verify(SLOW_SECRET + "x", stored)
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    checked = await asyncio.to_thread(cli, "check-policy", str(path))
+    assert checked.returncode == 0, checked.stderr
+    warned = [w for w in checked.stderr.splitlines() if "secret_sha256" in w]
+    assert len(warned) == 1 and warned[0].startswith(
+        "warning: clients.ledger-sync.secret_sha256: a fast hash") and "hash-secret" in warned[0]
+    assert "clients.reports" not in checked.stderr
+    empty = await asyncio.to_thread(cli, "hash-secret", stdin="")
+    assert empty.returncode == 2 and "no client secret" in empty.stderr
+
+
+@pytest.mark.parametrize(("client", "says"), [
+    ('audiences = ["payments-api"]', "exactly one of secret_hash"),
+    ('secret_hash = "sha256$abc"\naudiences = ["payments-api"]', "breakglass hash-secret"),
+    ('secret_hash = "scrypt$ln=4,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$'
+     'jIvb9x8CX7i0GmIZT5H34co/HeVboXVrouKoBj1vmeo"\naudiences = ["payments-api"]',
+     "out of range"),
+    (f'secret_sha256 = "{"ab" * 32}"\nsecret_hash = "x"\naudiences = ["payments-api"]',
+     "secret_hash"),
+])
+def test_a_client_needs_exactly_one_valid_secret_key(client: str, says: str) -> None:
+    from bot.core.policy import PolicyError, parse_policy
+    from bot.sandbox import sandbox_policy
+
+    text = sandbox_policy("http://127.0.0.1:9", "s" * 20)
+    head, _, _ = text.partition("[clients.payments-api]")
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(head + "[clients.payments-api]\n" + client + "\n")
+    assert any("clients.payments-api" in e and says in e for e in caught.value.errors), (
+        caught.value.errors)

@@ -242,7 +242,7 @@ async def test_check_policy_warns_about_the_examples_placeholders() -> None:
     for path in ("slack.reviewer_channel: 'C0REVIEWS'", "slack.incident_channel: 'C0INCIDENT'",
                  "tokens.issuer:", "groups.oncall.members: U01ONCALL1, U01ONCALL2",
                  "groups.oncall.usergroup: 'S01ONCALL'", "groups.sre-leads.members:",
-                 "clients.payments-api.secret_sha256:"):
+                 "clients.payments-api.secret_hash:", "clients.ledger-sync.secret_sha256:"):
         assert any(w.startswith(f"warning: {path}") for w in warnings), (path, err)
     assert f"{example}: valid, with {len(warnings)} warning(s)" in err
 

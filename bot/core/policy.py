@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bot.core import client_secrets
 from bot.core.alerts import QuietHours, QuietHoursError, parse_quiet_hours
 from bot.core.commands import (
     DEFAULT_INCIDENT_PATTERN,
@@ -201,6 +202,19 @@ def _sha256_hex(value: str) -> str:
             "must be the SHA-256 of the client secret as 64 lowercase hex characters "
             "(e.g. the output of `printf %s SECRET | sha256sum`)"
         )
+    return value
+
+
+def _sha256_hex_or_none(value: str | None) -> str | None:
+    return None if value is None else _sha256_hex(value)
+
+
+def _secret_hash(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            client_secrets.parse(value)
+        except client_secrets.SecretHashError as exc:
+            raise _problem(str(exc)) from None
     return value
 
 
@@ -450,10 +464,25 @@ class DrillSettings(_Model):
 
 
 class Client(_Model):
-    """``[clients.NAME]``: a relying service allowed to introspect and revoke."""
+    """``[clients.NAME]``: a relying service allowed to introspect and revoke. Its secret
+    is stored as `secret_hash` (scrypt, `breakglass hash-secret`), or, the older way,
+    `secret_sha256`; exactly one of the two."""
 
-    secret_sha256: Annotated[str, AfterValidator(_sha256_hex)]
+    secret_hash: Annotated[str | None, AfterValidator(_secret_hash)] = None
+    secret_sha256: Annotated[str | None, AfterValidator(_sha256_hex_or_none)] = None
     audiences: list[Token] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Client:
+        if (self.secret_hash is None) == (self.secret_sha256 is None):
+            raise _problem("a client needs exactly one of secret_hash (from `breakglass "
+                           "hash-secret`) or secret_sha256 (the older, fast hash)")
+        return self
+
+    @property
+    def credential(self) -> str:
+        """The stored form of its secret, whichever key holds it."""
+        return self.secret_hash or self.secret_sha256 or ""
 
 
 class AlertSettings(_Model):

@@ -19,6 +19,9 @@ EXAMPLE_USERS = frozenset({"U01ONCALL1", "U01ONCALL2", "U01LEAD1", "U01LEAD2", "
 EXAMPLE_USERGROUPS = frozenset({"S01ONCALL", "S01DIRECTORS"})
 EXAMPLE_HOSTS = ("example.internal", "example.com", "example.org")
 ZERO_SECRET = "0" * 64
+# breakglass.example.toml's secret_hash: the hash of "replace-me" with a salt of zeros.
+EXAMPLE_SECRET_HASH = ("scrypt$ln=15,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$"
+                       "jIvb9x8CX7i0GmIZT5H34co/HeVboXVrouKoBj1vmeo")
 
 
 def policy_warnings(policy: Policy) -> list[str]:
@@ -51,6 +54,14 @@ def policy_warnings(policy: Policy) -> list[str]:
         if digest == ZERO_SECRET:
             out.append(f"clients.{name}.secret_sha256: the example's zeros match no secret: put "
                        "the SHA-256 of the client's secret there")
+        elif digest is not None:
+            out.append(f"clients.{name}.secret_sha256: a fast hash; anyone who reads the policy "
+                       "can test guesses at GPU speed. Replace it with secret_hash from "
+                       "`breakglass hash-secret` (the same secret works: the service changes "
+                       "nothing)")
+        if getattr(client, "secret_hash", None) == EXAMPLE_SECRET_HASH:
+            out.append(f"clients.{name}.secret_hash: the example's placeholder: put the hash "
+                       "of your client's secret there (`breakglass hash-secret`)")
     for i, hook in enumerate(getattr(policy, "webhooks", None) or []):
         url = str(getattr(hook, "url", ""))
         if any(f".{host}" in url or f"/{host}" in url for host in EXAMPLE_HOSTS):
