@@ -4,7 +4,9 @@ over HTTP and the real command line: `/breakglass tokens`, `breakglass tokens li
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 from sqlalchemy import select
@@ -130,23 +132,27 @@ async def test_operator_revokes_by_id_and_jti_announced_and_dm_edited(make_box: 
     assert code == 0, err
     assert f"revoked {a}" in out and f"revoked {b}" in out and "os:opsperson" in out
     assert (await states(box)) == {a: "revoked", b: "revoked", c: "issued"}
-    # The running bot (another process) stops accepting the token at once.
-    assert (await introspect(box, token))["active"] is False
+    # The running bot (another process) stops accepting the token within a second or so
+    # (its cache hears of closures by polling; a loaded machine gets some slack).
+    deadline = time.monotonic() + 5
+    while (await introspect(box, token))["active"]:
+        assert time.monotonic() < deadline, "the CLI's revocation did not reach the bot"
+        await asyncio.sleep(0.1)
 
     # A running bot delivers what the command line queued: announced, DM edited, thread.
     for rid, user in ((a, ALICE), (b, BOB)):
         await box.emulator.wait_for(lambda rid=rid, user=user: bool(
-            dm_of(box, user, rid).history), timeout=10)
+            dm_of(box, user, rid).history), timeout=20)
         dm = dm_of(box, user, rid)
         assert "revoked" in content(dm) and "opsperson" in content(dm)
         assert buttons(dm) == {}
         await box.emulator.wait_for(lambda rid=rid: any(
             "*revoked*" in m.text and rid in m.text for m in box.emulator.messages(INCIDENT)),
-            timeout=10)
+            timeout=20)
         said = next(m.text for m in box.emulator.messages(INCIDENT)
                     if "*revoked*" in m.text and rid in m.text)
         assert "operator `opsperson`" in said and "lost laptop" in said
-        await wait_thread(box, rid, timeout=10)
+        await wait_thread(box, rid, timeout=20)
         assert "opsperson" in content(thread(box, rid)[0])
     async with box.bot.db.read() as conn:
         rows = (await conn.execute(select(audit_log.c.actor, audit_log.c.details).where(
