@@ -121,6 +121,23 @@ async def test_conversations_history_pages_newest_first_like_slack(
     assert (await client.conversations_history(channel="C9"))["messages"] == []
 
 
+async def test_channel_membership_like_slack(emu: SlackEmulator, client: AsyncWebClient) -> None:
+    emu.channel_names["C0REVIEWS"] = "break-glass-reviews"
+    info = await client.conversations_info(channel="C0REVIEWS")
+    assert info["channel"]["is_member"] is True and info["channel"]["name"] == "break-glass-reviews"
+    emu.outside_channels.add("C0REVIEWS")
+    assert (await client.conversations_info(channel="C0REVIEWS"))["channel"]["is_member"] is False
+    with pytest.raises(SlackApiError) as err:
+        await client.chat_postMessage(channel="C0REVIEWS", text="card")
+    assert err.value.response["error"] == "not_in_channel"
+    assert emu.messages("C0REVIEWS") == []
+    with pytest.raises(SlackApiError) as err:  # a name is not an ID
+        await client.conversations_info(channel="#break-glass-reviews")
+    assert err.value.response["error"] == "channel_not_found"
+    emu.outside_channels.discard("C0REVIEWS")
+    assert (await client.chat_postMessage(channel="C0REVIEWS", text="card"))["ok"]
+
+
 async def test_dm_by_user_id_and_conversations_open(
     emu: SlackEmulator, client: AsyncWebClient
 ) -> None:
