@@ -264,8 +264,10 @@ async def test_audit_chain_holds_after_two_processes_wrote_it(tmp_path: Path,
     probes = ProbeTarget()
     await emu.start()
     await probes.start()
-    env = base_env(tmp_path, emu, sandbox_policy(probes.url, "s3cret"), token, secret, master,
-                   empty_database_url)
+    # Every refusal audited one by one (past the flood threshold they are summarised):
+    # 40 appends racing from two processes.
+    policy = sandbox_policy(probes.url, "s3cret", extra="\n[alerts]\nrefusals_per_hour = 100\n")
+    env = base_env(tmp_path, emu, policy, token, secret, master, empty_database_url)
     a = ServeProcess(env, tmp_path / "a.log")
     b = ServeProcess(env, tmp_path / "b.log")
     try:
