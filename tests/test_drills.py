@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -52,23 +51,6 @@ DRILL_CLIENT = (
 )
 
 
-@pytest.fixture
-async def make_box(tmp_path: Path, new_database: Callable[..., str]
-                   ) -> AsyncIterator[MakeBox]:
-    """Sandbox(**options), started, and stopped after the test."""
-    boxes: list[Sandbox] = []
-
-    async def make(**options: Any) -> Sandbox:
-        directory = tmp_path / f"box{len(boxes)}"
-        directory.mkdir()
-        box = Sandbox(directory=directory, database_url=new_database(), **options)
-        await box.start()
-        boxes.append(box)
-        return box
-
-    yield make
-    for box in boxes:
-        await box.stop()
 
 
 async def metrics_text(box: Sandbox) -> str:

@@ -5,9 +5,7 @@ from then on, their DMs with the card's permalink, the requester told, and expir
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,22 +37,6 @@ LADDER: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-async def make_box(tmp_path: Path, new_database: Callable[..., str]
-                   ) -> AsyncIterator[MakeBox]:
-    boxes: list[Sandbox] = []
-
-    async def make(**options: Any) -> Sandbox:
-        directory = tmp_path / f"box{len(boxes)}"
-        directory.mkdir()
-        box = Sandbox(directory=directory, database_url=new_database(), **options)
-        await box.start()
-        boxes.append(box)
-        return box
-
-    yield make
-    for box in boxes:
-        await box.stop()
 
 
 def thread_replies(box: Sandbox, card: Message) -> list[Message]:

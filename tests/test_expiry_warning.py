@@ -5,12 +5,8 @@ replicas; `message` delivery gets a new DM so the token text stays; no extension
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
-import pytest
 from test_flow import (
     JWT_RE,
     MakeBox,
@@ -33,22 +29,6 @@ from bot.sandbox import ALICE, BOB, CAROL, Sandbox
 WARNING = "cannot be extended"
 
 
-@pytest.fixture
-async def make_box(tmp_path: Path, new_database: Callable[..., str]
-                   ) -> AsyncIterator[MakeBox]:
-    boxes: list[Sandbox] = []
-
-    async def make(**options: Any) -> Sandbox:
-        directory = tmp_path / f"box{len(boxes)}"
-        directory.mkdir()
-        box = Sandbox(directory=directory, database_url=new_database(), **options)
-        await box.start()
-        boxes.append(box)
-        return box
-
-    yield make
-    for box in boxes:
-        await box.stop()
 
 
 def warnings(box: Sandbox, rid: str) -> list[str]:

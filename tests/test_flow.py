@@ -9,9 +9,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,22 +34,6 @@ MakeBox = Callable[..., Awaitable[Sandbox]]
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-async def make_box(tmp_path: Path, new_database: Callable[..., str]) -> AsyncIterator[MakeBox]:
-    """Sandbox(**options), started, and stopped after the test."""
-    boxes: list[Sandbox] = []
-
-    async def make(**options: Any) -> Sandbox:
-        directory = tmp_path / f"box{len(boxes)}"
-        directory.mkdir()
-        box = Sandbox(directory=directory, database_url=new_database(), **options)
-        await box.start()
-        boxes.append(box)
-        return box
-
-    yield make
-    for box in boxes:
-        await box.stop()
 
 
 
