@@ -12,7 +12,8 @@ as an audit row `checkpoint` that records it. `breakglass audit verify
 When a checkpoint is due
 ------------------------
 
-* within `WITHIN` (60 s) of any `issued`, `revealed`, `revoked` or `reviewed`
+* within `WITHIN` (60 s) of any `issued`, `revealed`, `delivered` (the DM of
+  delivery = "message", which never writes `revealed`), `revoked` or `reviewed`
   event: such an event waits at most `gather` (15 s) so that a burst shares
   one checkpoint, then the next sweep (every second) publishes;
 * at least every `every` (an hour) while anything was written;
@@ -48,7 +49,7 @@ from .store.schema import audit_log
 EVENT = "checkpoint"
 LEGACY_EVENT = "head_published"  # what versions before signed checkpoints wrote
 EVENTS = (EVENT, LEGACY_EVENT)
-SECURITY_EVENTS = ("issued", "revealed", "revoked", "reviewed")
+SECURITY_EVENTS = ("issued", "revealed", "delivered", "revoked", "reviewed")
 WITHIN = timedelta(seconds=60)  # the promise (contract §6)
 GATHER = timedelta(seconds=15)  # how long a security event waits for others to share its checkpoint
 EVERY_EVENTS = 1000

@@ -281,7 +281,11 @@ async def test_two_runtimes_on_one_database_post_each_checkpoint_once(box: Sandb
         await other.stop(drain_seconds=2.0)
 
 
-async def test_a_reviewed_event_is_a_token_event_too(database_url: str) -> None:
+@pytest.mark.parametrize("event", ["reviewed", "delivered"])
+async def test_a_reviewed_or_delivered_event_is_a_token_event_too(database_url: str,
+                                                                  event: str) -> None:
+    """`delivered` is what delivery = "message" writes instead of `revealed`: the token
+    reached its holder, so the checkpoint follows within the minute, not the hour."""
     db = Database(database_url)
     await db.create_schema()
     key = os.urandom(32)
@@ -295,7 +299,7 @@ async def test_a_reviewed_event_is_a_token_event_too(database_url: str) -> None:
         at.advance(timedelta(minutes=5))
         assert await publish_head(db, key, at, INCIDENT, signer) is None  # not an hour yet
         async with db.transaction() as conn:
-            await audit.append(conn, key, at=at.now(), actor=BOB, event="reviewed",
+            await audit.append(conn, key, at=at.now(), actor=BOB, event=event,
                                details={"summary": "fine"}, request_id="R2345678")
         at.advance(GATHER - timedelta(seconds=1))
         assert await publish_head(db, key, at, INCIDENT, signer) is None  # still gathering
