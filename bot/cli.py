@@ -25,6 +25,7 @@ from .config import ConfigError, Settings
 from .core.kdf import MasterKeyError, check_master_key, new_master_key
 from .core.policy import Policy, PolicyError, load_policy
 from .core.policy_warnings import policy_warnings
+from .operator import operator_actor
 
 if TYPE_CHECKING:
     from . import audit_slack
@@ -253,16 +254,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(new_master_key())
         return 0
     return asyncio.run(_keys(args))
-
-
-def operator_actor() -> str:
-    """Who ran an operator command, for the audit log: `os:` and the OS user name."""
-    import getpass
-
-    try:
-        return f"os:{getpass.getuser()}"
-    except Exception:  # noqa: BLE001 - no user name (a container's bare uid)
-        return f"os:uid-{os.getuid()}" if hasattr(os, "getuid") else "os:unknown"
 
 
 async def _keys(args: argparse.Namespace) -> int:
@@ -569,6 +560,13 @@ async def _tokens_revoke(args: argparse.Namespace) -> int:
         raise Exit(2, "--reason is required: say why these grants are revoked (e.g. --reason "
                    "'lost laptop'); it goes into the audit log and the incident channel. "
                    "Nothing was revoked.")
+    from .audit import looks_like_token
+
+    if looks_like_token(reason):
+        # The audit log refuses token-shaped text: refused here, before anything changes.
+        raise Exit(2, "--reason looks like it contains a token (a JWT or a Slack token): "
+                   "remove the token text and run the command again (it goes into the audit "
+                   "log and the incident channel). Nothing was revoked.")
     chosen = [bool(args.ids), args.user is not None or args.scope is not None, args.all]
     if sum(chosen) != 1:
         raise Exit(2, "name what to revoke: IDs, or --user U and/or --scope S, or --all "
@@ -577,7 +575,7 @@ async def _tokens_revoke(args: argparse.Namespace) -> int:
     policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
     from .core.clock import SystemClock
     from .directory import Directory
-    from .governance.inventory import Inventory, operator_actor
+    from .governance.inventory import Inventory
     from .keys import AUDIT_KEY_NAME, KeyRing, WrongMasterKey, sealed_secret
     from .service import Service
     from .triggers import Prober

@@ -33,6 +33,8 @@ from bot.store.schema import audit_log, requests
 AUDITOR = "U0AUDITOR"
 AUDITORS = f'[reviews]\nreviewers = ["auditors"]\n\n[groups.auditors]\nmembers = ["{AUDITOR}"]\n'
 OPERATOR = {"LOGNAME": "opsperson", "USER": "opsperson"}
+# Token-shaped (header.payload.signature), made up here: no key signed it.
+FAKE_JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJVMEFMSUNFIn0.c2lnbmF0dXJlLW1hZGUtdXA"
 
 
 async def issue(box: Sandbox, user: str, scope: str = "payments-write") -> str:
@@ -112,10 +114,16 @@ async def test_revoke_refuses_without_a_reason_or_with_an_unknown_id(make_box: M
          "there is no request or token `RNOSUCH1`"),
         (("tokens", "revoke", "--reason", "lost laptop"), "name what to revoke"),
         (("tokens", "revoke", a, "--all", "--reason", "lost laptop"), "name what to revoke"),
+        # Token-shaped text (the audit log refuses it): refused up front, no traceback.
+        (("tokens", "revoke", "--all", "--reason", f"leaked {FAKE_JWT}"),
+         "remove the token text"),
+        (("tokens", "revoke", a, "--reason", "leaked xoxb-123456789012-abcdefgh"),
+         "remove the token text"),
     ]:
         code, out, err = await cli(box, *args, **OPERATOR)
         assert code == 2, (args, out, err)
         assert says in err and "Nothing was revoked" in err, err
+        assert "Traceback" not in err, err
     await box.settle()
     assert await states(box) == before
     assert [e for e in await events(box) if e != "checkpoint"] == n_events
@@ -185,3 +193,28 @@ async def test_operator_revokes_by_user_scope_and_all(make_box: MakeBox) -> None
     assert set((await states(box)).values()) == {"revoked"}
     code, out, err = await cli(box, "tokens", "revoke", "--all", "--reason", "again", **OPERATOR)
     assert code == 0 and "nothing was revoked" in out
+
+
+def test_one_operator_actor_for_the_cli_and_the_inventory(monkeypatch: Any) -> None:
+    """Who ran an operator command is named one way, wherever it is asked."""
+    import getpass
+    import os
+    import re
+    from pathlib import Path
+
+    import bot.cli
+    from bot.operator import operator_actor
+
+    root = Path(__file__).resolve().parent.parent / "bot"
+    defined = [p.relative_to(root).as_posix() for p in root.rglob("*.py")
+               if re.search(r"^def operator_actor\b", p.read_text("utf-8"), re.M)]
+    assert defined == ["operator.py"], defined
+    assert bot.cli.operator_actor is operator_actor
+    monkeypatch.setenv("LOGNAME", "opsperson")
+    assert operator_actor() == "os:opsperson"
+
+    def no_name() -> str:
+        raise KeyError("getpwuid(): uid not found")
+
+    monkeypatch.setattr(getpass, "getuser", no_name)
+    assert operator_actor() == f"os:uid-{os.getuid()}"

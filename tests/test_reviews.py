@@ -190,6 +190,7 @@ async def test_revoke_posts_the_thread_and_the_button_opens_a_modal_that_signs_o
         sandbox: Sandbox) -> None:
     box = sandbox
     rid = await grant(box)
+    token = token_of(box)
     await command(box, ALICE, f"revoke {rid}")
     message = await wait_thread(box, rid)
     assert "revoked" in content(message) and f"<@{ALICE}>" in content(message)
@@ -208,6 +209,12 @@ async def test_revoke_posts_the_thread_and_the_button_opens_a_modal_that_signs_o
 
     answer = await timed(box.slack.submit_view(DAVE, "bg_review_modal", summary_values("  ")))
     assert "summary" in answer.json["errors"]
+    await box.settle()
+    assert (await review_row(box, rid)).reviewed_at is None
+
+    answer = await timed(box.slack.submit_view(
+        DAVE, "bg_review_modal", summary_values(f"leaked {token}, rotated")))
+    assert "remove the token text" in answer.json["errors"]["summary"], answer.body
     await box.settle()
     assert (await review_row(box, rid)).reviewed_at is None
 
@@ -256,6 +263,14 @@ async def test_review_command_refusals_change_nothing(sandbox: Sandbox) -> None:
     await refused(BOB, "review RNOSUCH1 all fine", "There is no grant `RNOSUCH1`")
     await refused(BOB, f"review {live} all fine", "still live")
     assert await review_row(box, live) is None
+    # Token-shaped text in the summary (the audit log refuses it): refused with what to
+    # do, not "unexpected error"; nothing recorded.
+    leaked = token_of(box)
+    await refused(BOB, f"review {rid} the leaked token {leaked} was rotated",
+                  "Remove the token text")
+    resp = await command(box, BOB, f"review {rid} leaked xoxb-{'1' * 12}-abcdefgh")
+    assert "Remove the token text" in seen(box, resp) and "unexpected" not in seen(box, resp)
+    assert (await review_row(box, rid)).reviewed_at is None
 
     # The token's jti names the grant as well as the request ID does.
     resp = await command(box, BOB, f"review {await jti_of(box, rid)} Rolled back; fine.")

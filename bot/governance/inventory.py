@@ -9,7 +9,6 @@ announced in the incident channel, the DM edited, the review thread opened).
 
 from __future__ import annotations
 
-import getpass
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,15 +19,6 @@ from ..store import requests as requests_store
 from ..store import reviews as store
 
 MAX_LIVE = 100_000
-
-
-def operator_actor() -> str:
-    """Who is at the command line, as the audit log names them."""
-    try:
-        name = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name known (e.g. no passwd entry)
-        name = "unknown"
-    return f"os:{name}"
 
 
 @dataclass(frozen=True)

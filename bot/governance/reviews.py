@@ -20,7 +20,7 @@ import logging
 from dataclasses import replace
 from datetime import datetime
 
-from .. import outbox
+from .. import audit, outbox
 from ..core import reviews as rules
 from ..core.domain import Request
 from ..core.errors import Refusal
@@ -33,6 +33,8 @@ from ..store import reviews as store
 from . import alerts
 
 log = logging.getLogger(__name__)
+
+SECRET_IN_SUMMARY = "secret_in_summary"
 
 
 def review_key(request_id: str) -> str:
@@ -78,6 +80,13 @@ class Reviews:
 
     async def sign_off(self, ident: str, user: str, summary: str) -> tuple[Request, ReviewState]:
         service = self.service
+        if audit.looks_like_token(summary):
+            # The audit log refuses token-shaped text: refused before anything is read or
+            # written, with what to do (not "unexpected error").
+            raise Refusal(SECRET_IN_SUMMARY, "Your summary looks like it contains a token (a "
+                          "JWT or a Slack token). Remove the token text and sign off again "
+                          "(describe it instead, e.g. its jti); nothing was recorded. If it "
+                          "is a live token, revoke it: it was sent to Slack.")
         async with service.db.read() as conn:
             found = await store.find_grant(conn, ident)
         if found is None:

@@ -17,6 +17,7 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
+from .. import audit
 from ..core import commands
 from ..core.commands import CommandError
 from ..core.durations import DurationError, format_duration, parse_duration
@@ -195,6 +196,11 @@ class Handlers:
             await ack(response_action="errors", errors={
                 review_blocks.SUMMARY_BLOCK: "A review needs a summary: what happened, what the "
                 "access was used for, what follows."})
+            return
+        if audit.looks_like_token(summary):
+            await ack(response_action="errors", errors={
+                review_blocks.SUMMARY_BLOCK: "This looks like it contains a token (a JWT or a "
+                "Slack token): remove the token text. Nothing was recorded."})
             return
         try:
             await asyncio.wait_for(self.reviews.check_modal(request_id, user), PREPARE_TIMEOUT)
