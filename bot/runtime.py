@@ -29,6 +29,7 @@ from .delivery.webhooks import KIND as WEBHOOK_KIND
 from .delivery.webhooks import Webhooks
 from .directory import Directory
 from .foreground import Foreground
+from .governance import alerts
 from .governance.inventory import Inventory
 from .governance.reviews import Reviews
 from .http import SLACK_SIGNATURE, build_metrics_app, build_web_app
@@ -380,6 +381,7 @@ class Runtime:
                 if rounds % 60 == 0:
                     await self.replay_guard.prune()
                     await closures.prune(self.db, self.clock.now())
+                    await alerts.prune_use_counters(self.db, self.clock.now())
             except Exception:  # noqa: BLE001 - keep sweeping
                 log.exception("sweep failed")
             with contextlib.suppress(TimeoutError):

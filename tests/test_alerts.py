@@ -313,3 +313,39 @@ async def test_drills_count_for_no_alert_threshold(make_box):
     assert alert_posts(box) == [] and await alert_kinds(box) == []
     await command(box, ALICE, f"payments-write 30m {REASON}")  # the first real one today
     assert await alert_kinds(box) == ["quiet_hours"]
+
+
+async def test_the_sweep_prunes_use_counters_of_minutes_long_past(make_box):
+    """One `uses:<jti>` row per token ever used would stay for ever: the sweep deletes
+    those of windows long past and keeps a current one and every other counter."""
+    from sqlalchemy import select
+
+    from bot.store.schema import alert_counters
+
+    clock = OffsetClock()
+    box = await make_box("max_uses_per_minute = 3", clock=clock, sweep_interval=0.01)
+
+    async def keys() -> set[str]:
+        async with box.bot.db.read() as conn:
+            return set((await conn.scalars(select(alert_counters.c.key))).all())
+
+    rid, token = await issue_and_reveal(box)
+    async with aiohttp.ClientSession() as session:
+        await introspect(box, token, session)
+    await box.bot.introspector.flush()
+    [old] = [k for k in await keys() if k.startswith("uses:")]
+    clock.advance(timedelta(hours=2))
+    now = clock.now()
+    async with box.bot.db.transaction() as conn:
+        await conn.execute(alert_counters.insert().values(key="uses:current", window_start=now,
+                                                          count=1))
+        await conn.execute(alert_counters.insert().values(
+            key="refusal-summary:U0TEST", window_start=now - timedelta(hours=3), count=1,
+            last_at=now - timedelta(hours=3)))
+    for _ in range(300):  # the prune runs every 60 sweeps (0.6 s here)
+        if old not in await keys():
+            break
+        await asyncio.sleep(0.02)
+    assert await keys() == {"uses:current", "refusal-summary:U0TEST"}
+    assert await alerts.prune_use_counters(box.bot.db, clock.now()) == 0
+    assert await alerts.prune_use_counters(box.bot.db, now + timedelta(hours=1)) == 1

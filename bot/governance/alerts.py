@@ -26,10 +26,10 @@ token uses. Drills count for no threshold: pass ``drill=True``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import audit, outbox
@@ -48,15 +48,18 @@ from ..core.alerts import (
 from ..core.events import ALERT
 from ..core.policy import Policy
 from ..store import requests as store
+from ..store.db import Database
 from ..store.schema import alert_counters
 
 __all__ = [
     "ALERT_PREFIX", "CHECKPOINT_MISMATCH", "KEY_ROTATED", "MASTER_KEY_ROTATED", "QUIET_HOURS",
     "RELOAD_REFUSED", "REQUESTS_PER_DAY", "REVIEW_OVERDUE", "USES_PER_MINUTE", "Writes",
-    "on_request", "on_uses", "raise_alert", "raise_alert_in",
+    "on_request", "on_uses", "prune_use_counters", "raise_alert", "raise_alert_in",
 ]
 
 ACTOR = "breakglass"
+USES_PREFIX = "uses:"  # alert_counters rows of `on_uses`: one per token ever used
+USES_KEEP = timedelta(minutes=10)  # a use counts in its clock minute; a row this old is done
 
 
 class Writes(Protocol):
@@ -154,7 +157,7 @@ async def on_uses(conn: AsyncConnection, audit_key: bytes, policy: Policy,
     raised = 0
     for jti, request_id, n, at in uses:
         minute = at.replace(second=0, microsecond=0)
-        key = f"uses:{jti}"
+        key = f"{USES_PREFIX}{jti}"
         row = (await conn.execute(select(alert_counters.c.window_start, alert_counters.c.count)
                                   .where(alert_counters.c.key == key))).first()
         if row is None:
@@ -175,6 +178,17 @@ async def on_uses(conn: AsyncConnection, audit_key: bytes, policy: Policy,
                 {"jti": jti, "count": before + n, "limit": limit,
                  "minute": minute.isoformat()}, request_id)
     return raised
+
+
+async def prune_use_counters(db: Database, now: datetime) -> int:
+    """Delete the `uses:<jti>` counters whose minute is long past (otherwise one row per
+    token ever used stays for ever). Harmless to run in every replica at once: a missing
+    row counts as a new minute, which is what an old row counts as too."""
+    async with db.transaction() as conn:
+        result = await conn.execute(delete(alert_counters).where(and_(
+            alert_counters.c.key.like(f"{USES_PREFIX}%"),
+            alert_counters.c.window_start < now - USES_KEEP)))
+    return int(result.rowcount or 0)
 
 
 def _aware(value: datetime | str) -> datetime:
