@@ -9,9 +9,13 @@ with what stops someone guessing their secrets (issue 13, item 8).
   microsecond, so introspection keeps its throughput. A changed policy changes the
   stored hash, and so forgets it.
 * Failures are throttled per client name and per remote address: past
-  `MAX_FAILURES` within `WINDOW` seconds, an unverified request is answered 429 with
-  `Retry-After` before any hashing. A secret already verified is never throttled, so
-  guessing at a client's name cannot lock that client out of a running bot.
+  `MAX_FAILURES` within `WINDOW` seconds, a request with a wrong secret (or an unknown
+  client name) is answered 429 with `Retry-After`, and counted as a failure again. The
+  secret is still checked while throttled (through the same `MAX_CONCURRENT_HASHES`
+  bound), so a request with the correct secret is never refused: neither guessing at
+  a client's name nor failures from the same address (behind a proxy every request
+  has the proxy's address) can lock a relying service out, even one whose secret this
+  process has not verified yet (after a restart, on another replica).
 * Every failure is logged (client name as given, address, why; never the secret) and
   counted in `breakglass_client_auth_failures_total{reason}`.
 """
@@ -115,9 +119,17 @@ class ClientAuthenticator:
         wait = max(self._by_address.retry_after(address, now),
                    self._by_client.retry_after(client_id, now))
         if wait:
-            metrics.CLIENT_AUTH_FAILURES.labels(reason="throttled").inc()
-            return Refused(429, wait)
-        if not await self._matches(secret, client):
+            # Throttled: the secret is still checked (through the same bound on hashing),
+            # so that whoever guesses cannot lock out a service that has its secret; only
+            # a wrong one gets the 429. An unknown name needs no hashing to be wrong.
+            if client is None or not await self._matches(secret, client):
+                metrics.CLIENT_AUTH_FAILURES.labels(reason="throttled").inc()
+                later = time.monotonic()
+                self._by_address.add(address, later)
+                self._by_client.add(client_id, later)
+                return Refused(429, max(self._by_address.retry_after(address, later),
+                                        self._by_client.retry_after(client_id, later), 1))
+        elif not await self._matches(secret, client):
             return self._failed("unknown_client" if client is None else "bad_secret",
                                 client_id, address, time.monotonic())
         assert client is not None

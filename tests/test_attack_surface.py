@@ -598,6 +598,32 @@ async def test_guessing_client_names_from_one_address_is_throttled(box: Sandbox)
     assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}, statuses
 
 
+@pytest.mark.parametrize("guess", ["secret", "name"])
+async def test_guessing_never_locks_out_a_service_with_the_right_secret(
+        box: Sandbox, guess: str) -> None:
+    """Behind the shipped nginx every request has the proxy's address, and client names
+    can be guessed: after a stranger's failures, the relying service's first request
+    since the bot started (its secret not yet verified by this process) still gets its
+    answer; the stranger still gets 429."""
+    url = f"{box.url}/oauth2/introspect"
+
+    def stranger(n: int) -> dict[str, str]:
+        return basic("payments-api" if guess == "secret" else f"guess-{n}",
+                     secrets.token_urlsafe(12))
+
+    statuses = [(await post_form(url, stranger(n)))[0] for n in range(12)]
+    assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}, statuses
+    status, _, body = await post_form(url, basic("payments-api", box.client_secret))
+    assert status == 200, (status, body)
+    assert json.loads(body) == {"active": False}
+    # The stranger is still throttled, and a wrong secret for the real name too.
+    for headers in (stranger(99), basic("payments-api", box.client_secret + "x")):
+        status, answer_headers, _ = await post_form(url, headers)
+        assert status == 429 and 0 < int(answer_headers["Retry-After"]) <= 60
+    assert (await post_form(f"{box.url}/oauth2/revoke",
+                            basic("payments-api", box.client_secret)))[0] == 200
+
+
 OLD_SECRET = "ledger-" + secrets.token_hex(12)
 OLD_CLIENT = (f'\n[clients.ledger-sync]\nsecret_sha256 = '
               f'"{hashlib.sha256(OLD_SECRET.encode()).hexdigest()}"\n'
