@@ -114,7 +114,8 @@ async def _answer(rt: Runtime, request: web.Request, started: float
         log.warning("replayed Slack request ignored")
         return web.Response(status=200)
     headers = dict(request.headers)
-    answer = acks.immediate(form, payload, rt.policy.requests.incident_pattern)
+    answer = acks.immediate(form, payload, rt.policy.requests.incident_pattern,
+                            rt.policy.scopes)
     # Only a request Slack signed counts as one being answered (a slow unsigned body
     # must not hold back background work); from here to the answer nothing awaits.
     rt.foreground.answered()

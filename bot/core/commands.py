@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeAlias
@@ -51,7 +52,8 @@ MAX_REASON_LENGTH = 500
 RESERVED_WORDS = frozenset({"help", "scopes", "status", "revoke", "drill", "review", "tokens"})
 
 #: First words people type meaning a subcommand that does not exist (or asking for help):
-#: answered with the usage, never read as a scope name (so no scope may be called so).
+#: answered with the usage, unless a scope has that name (a scope may: the contract
+#: reserves only :data:`RESERVED_WORDS`; `check-policy` warns about such a scope).
 NOT_SCOPE_WORDS = frozenset({
     "list", "ls", "show", "get", "mine", "my", "me", "info", "usage", "version", "commands",
     "request", "requests", "new", "cancel", "approve", "deny", "token", "?", "h", "-h",
@@ -230,8 +232,10 @@ def _drill(args: list[str], incident_pattern: str) -> Drill:
     return Drill(scope=scope, reason=reason, incident=extract_incident(reason, incident_pattern))
 
 
-def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN) -> Command:
-    """Parse the text Slack sends after ``/breakglass``.
+def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN,
+                  scopes: Collection[str] = ()) -> Command:
+    """Parse the text Slack sends after ``/breakglass``. ``scopes``: the policy's scope
+    names; a word of :data:`NOT_SCOPE_WORDS` that is one of them is that scope.
 
     Raises :class:`CommandError` (and nothing else, whatever ``text`` is) when
     the text cannot be used. ``incident_pattern`` must be a valid regular
@@ -277,7 +281,7 @@ def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN) -
                 "the access was used for, what follows`."
             )
         return Review(target=args[0], summary=summary)
-    if keyword in NOT_SCOPE_WORDS:
+    if keyword in NOT_SCOPE_WORDS and keyword not in scopes:
         return Help(unknown=first)
 
     scope = keyword

@@ -37,7 +37,6 @@ from bot.core import client_secrets
 from bot.core.alerts import QuietHours, QuietHoursError, parse_quiet_hours
 from bot.core.commands import (
     DEFAULT_INCIDENT_PATTERN,
-    NOT_SCOPE_WORDS,
     RESERVED_WORDS,
     incident_regex,
 )
@@ -333,11 +332,6 @@ def _name_check(kind: str) -> AfterValidator:
         if kind == "scope" and value in RESERVED_WORDS:
             raise _problem(
                 f"'{value}' is a /breakglass subcommand, so it cannot be a scope name; pick another"
-            )
-        if kind == "scope" and value in NOT_SCOPE_WORDS:
-            raise _problem(
-                f"'{value}' is answered with /breakglass help (people type it meaning a "
-                "command), so it cannot be a scope name; pick another"
             )
         return value
 

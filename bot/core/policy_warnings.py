@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from bot.core.commands import NOT_SCOPE_WORDS
 from bot.core.policy import Policy
 
 # Slack channel IDs: C… (public or private channels), G… (older private channels).
@@ -40,6 +41,11 @@ def policy_warnings(policy: Policy) -> list[str]:
     if any(host in policy.tokens.issuer for host in EXAMPLE_HOSTS):
         out.append(f"tokens.issuer: {policy.tokens.issuer!r} is the example's placeholder: use "
                    "your bot's public base URL (relying services check it)")
+    for name in sorted(policy.scopes):
+        if name in NOT_SCOPE_WORDS:
+            out.append(f"scopes.{name}: people type '{name}' meaning a command (`/breakglass "
+                       f"{name}` gets the usage when no scope is called so); this scope "
+                       "works, but a clearer name avoids surprises (rename it when you can)")
     for name, group in policy.groups.items():
         users = sorted(set(group.members) & EXAMPLE_USERS)
         if users:

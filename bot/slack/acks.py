@@ -12,6 +12,7 @@ error that needs the policy and the trigger probes.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ..core import commands
@@ -26,9 +27,10 @@ def unescape(text: str) -> str:
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
-def parse(text: str, incident_pattern: str) -> Command | CommandError:
+def parse(text: str, incident_pattern: str,
+          scopes: Collection[str] = ()) -> Command | CommandError:
     try:
-        return commands.parse_command(unescape(text), incident_pattern)
+        return commands.parse_command(unescape(text), incident_pattern, scopes)
     except CommandError as exc:
         return exc
 
@@ -63,14 +65,14 @@ def command_ack(parsed: Command | CommandError) -> dict[str, Any]:
 
 
 def immediate(form: dict[str, list[str]], payload: dict[str, Any] | None,
-              incident_pattern: str) -> dict[str, Any] | None:
+              incident_pattern: str, scopes: Collection[str] = ()) -> dict[str, Any] | None:
     """The answer for an HTTP request that needs no listener to decide it, or None.
 
     `form` is the parsed body; `payload` the parsed interaction payload, if any.
     The body is what Bolt would send for the same `ack()`: {} is an empty 200."""
     if payload is None:
         if form.get("command", [""])[0] == COMMAND and form.get("user_id", [""])[0]:
-            return command_ack(parse(form.get("text", [""])[0], incident_pattern))
+            return command_ack(parse(form.get("text", [""])[0], incident_pattern, scopes))
         return None
     if payload.get("type") == "block_actions":
         return {}  # every button is acknowledged with an empty 200

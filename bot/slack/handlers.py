@@ -69,7 +69,7 @@ class Handlers:
     async def on_command(self, ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond) -> None:
         command_at = self.service.clock.now()  # the start of a drill's (and the histogram's) clock
         user = str(body.get("user_id", ""))
-        cmd = acks.parse(str(body.get("text", "")), self.pattern)
+        cmd = acks.parse(str(body.get("text", "")), self.pattern, self.service.policy.scopes)
         await ack(**acks.command_ack(cmd))
         if isinstance(cmd, CommandError | commands.Help):
             return
