@@ -223,7 +223,8 @@ class Service:
     async def _recent(self, conn: AsyncConnection, user: str, now: datetime,
                       drill: bool = False) -> int:
         """What counts towards the rate limit in the window: real requests opened and
-        refusals; for a drill, only drills (a drill never uses up the real limit)."""
+        the refusals that suggest probing (refusals.RATE_COUNTED); for a drill, only
+        drills (a drill never uses up the real limit)."""
         since = now - self.policy.requests.rate_window
         if drill:
             return await store.count_since(conn, user, since, drill=True)
@@ -234,7 +235,7 @@ class Service:
         """The count of `_recent` for a real request, as one SQL expression."""
         since = now - self.policy.requests.rate_window
         return (store.count_since_query(user, since).scalar_subquery()
-                + refusals.count_since_query(user, since).scalar_subquery())
+                + refusals.rate_count_query(user, since).scalar_subquery())
 
     def _card(self, w: _Writes, req: Request, scope: Scope | None) -> None:
         w.rows.append(outbox.update_row(self.clock.now(), card_key(req.id), self.reviewer_channel,

@@ -244,6 +244,52 @@ async def test_refusals_count_towards_the_rate_limit(make_box):
     assert len(posts) == probes_before + 1 and "rate limit reached" in posts[-1]
 
 
+async def test_harmless_refusals_use_up_no_rate_limit(make_box):
+    """A click on a card that just reached quorum, a second reveal: refused and counted,
+    but an approver racing clicks (or a requester clicking twice) can still make their
+    own request (rate_limit is 5 per 10 minutes)."""
+    box = await make_box("refusals_per_hour = 50")
+    rid, _ = await issue_and_reveal(box)  # ALICE's one request
+    card = box.card(rid)
+    dm = [m for m in box.emulator.messages(ALICE) if rid in m.text][-1]
+    for _ in range(6):
+        await timed(box.slack.click(BOB, "bg_approve", rid, channel_id=card.channel,
+                                    message_ts=card.ts))
+        await timed(box.slack.click(ALICE, "bg_reveal", rid, channel_id=dm.channel,
+                                    message_ts=dm.ts))
+    await box.settle()
+    codes = [r["details"]["code"] for r in await audit_rows(box, "refused")]
+    assert codes.count("request_closed") == 6 and codes.count("already_revealed") == 6, codes
+    for user in (BOB, ALICE):
+        resp = await command(box, user, f"payments-write 30m {REASON}")
+        said = json.dumps([r.body for r in box.emulator.responses if r.url == resp.response_url])
+        assert "limit" not in said, said
+    assert await box.bot.service.count_requests() == 3
+    assert not [m for m in box.emulator.messages(INCIDENT) if "rate limit reached" in m.text]
+
+
+def test_every_refusal_code_is_counted_or_not_for_the_rate_limit() -> None:
+    """Each code the bot refuses with is in exactly one of the two lists (so a new code
+    is classified when it is added: docs/policy.md `rate_limit`)."""
+    from bot.governance.refusals import NOT_RATE_COUNTED, RATE_COUNTED
+    from bot.governance.reviews import SECRET_IN_SUMMARY
+    from bot.service import SECRET_IN_REASON
+
+    root = Path(__file__).resolve().parent.parent / "bot"
+    found = {SECRET_IN_REASON, SECRET_IN_SUMMARY}
+    for path in root.rglob("*.py"):
+        found |= set(re.findall(r'Refusal\(\s*"([a-z_]+)"', path.read_text("utf-8")))
+    assert not RATE_COUNTED & NOT_RATE_COUNTED
+    assert found <= RATE_COUNTED | NOT_RATE_COUNTED, sorted(found - RATE_COUNTED - NOT_RATE_COUNTED)
+    assert {"not_a_requester", "not_an_approver", "trigger_not_holding", "rate_limited",
+            "unknown_scope"} <= RATE_COUNTED
+    assert {"request_closed", "already_revealed", "membership_unconfirmed",
+            "grant_live"} <= NOT_RATE_COUNTED
+    docs = (root.parent / "docs" / "policy.md").read_text("utf-8")
+    for code in RATE_COUNTED:
+        assert f"`{code}`" in docs, code
+
+
 async def test_a_non_requesters_flood_writes_a_summary_not_forty_rows(make_box):
     box = await make_box("")  # no refusals_per_hour: summarised past 5, no alert
     for n in range(40):

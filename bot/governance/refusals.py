@@ -4,9 +4,14 @@ Every security-relevant refusal (a trigger that does not hold, a rate limit, a
 person outside the requester or approver groups, a second reveal…) goes through
 `record`, inside the refusing use case's transaction:
 
-* it is counted (table `refusals`), and the count over the person's `rate_window`
-  adds to their requests for `[requests] rate_limit` (`count_since`), so a flood of
-  refused commands is soon refused before any trigger is probed;
+* it is counted (table `refusals`); the refusals that suggest probing or abuse
+  (`RATE_COUNTED`: asking for what one may not have, a trigger that does not hold,
+  the rate limit itself) over the person's `rate_window` add to their requests for
+  `[requests] rate_limit` (`rate_count_query`), so a flood of them is soon refused
+  before any trigger is probed. Harmless ones (`NOT_RATE_COUNTED`: a click on a card
+  that just closed, a second reveal, Slack not answering who is in a group, a review
+  signed off too early…) count towards no rate limit: an approver racing clicks is
+  never refused their own emergency request;
 * up to the hourly threshold (`[alerts] refusals_per_hour`, else
   `DEFAULT_REFUSALS_PER_HOUR`) it is audited (`refused`) and, when the caller has an
   incident post for it, posted, one by one, as before;
@@ -49,8 +54,46 @@ def threshold(policy: Policy) -> int:
     return configured if configured is not None else rules.DEFAULT_REFUSALS_PER_HOUR
 
 
+#: Refusal codes that count towards `[requests] rate_limit`: they suggest probing or
+#: abuse (docs/policy.md, `rate_limit`).
+RATE_COUNTED = frozenset({
+    "not_a_requester",  # requesting a scope one may not request
+    "not_an_approver",  # approving or denying without being an approver
+    "own_request",  # approving one's own request
+    "not_requester",  # revealing someone else's token
+    "not_allowed_to_revoke",  # revoking someone else's grant
+    "not_allowed_inventory",  # listing live grants without being an approver or reviewer
+    "not_a_reviewer",  # signing off a review without being a reviewer
+    "requester_cannot_review",  # signing off the review of one's own grant
+    "trigger_not_holding",  # requesting when the live conditions do not hold
+    "rate_limited",  # asking again past the limit
+    "unknown_scope",  # naming scopes that do not exist
+})
+
+#: Refusal codes that count towards no rate limit: a race, an outage, a mistake in
+#: timing. (Both sets together name every code; tests/test_alerts.py checks that.)
+NOT_RATE_COUNTED = frozenset({
+    "request_closed",  # a click on a card that just reached quorum or closed
+    "already_approved", "already_revealed", "already_reviewed", "already_closed",
+    "token_closed",
+    "membership_unconfirmed",  # Slack could not say who is in a group
+    "grant_live", "no_review", "drill_no_review",  # a review asked for too early or of nothing
+    "not_escalated_yet",  # a fallback approver clicking before the escalation
+    "quorum_unreachable", "scope_removed", "review_overdue", "unknown_request",
+    "missing_reason", "missing_summary", "summary_too_long",
+    "secret_in_reason", "secret_in_summary",
+})
+
+
 def count_since_query(user: str, since: datetime) -> Any:
+    """Every refusal of `user` since `since` (for the hourly threshold)."""
     return select(func.count()).where(and_(refusals.c.user_id == user, refusals.c.at >= since))
+
+
+def rate_count_query(user: str, since: datetime) -> Any:
+    """The refusals of `user` since `since` that count towards `[requests] rate_limit`."""
+    return select(func.count()).where(and_(refusals.c.user_id == user, refusals.c.at >= since,
+                                           refusals.c.code.in_(sorted(RATE_COUNTED))))
 
 
 async def count_since(conn: AsyncConnection, user: str, since: datetime) -> int:
