@@ -30,9 +30,9 @@ Delivery
   A process that dies mid-delivery leaves its rows leased: they go out when
   the lease runs out, from whichever process is alive (or the restarted one).
 * A post that carries a `key` (approval cards, DMs) records Slack's `ts` in
-  `slack_messages` in the transaction that marks the row sent. A later
-  update of that key edits that message; a retried post whose key is already
-  recorded is not sent again.
+  `slack_messages` (and when: `posted_at`) in the transaction that marks the
+  row sent. A later update of that key edits that message; a retried post
+  whose key is already recorded is not sent again.
 
 What no outbox can promise: when Slack received a post but the answer never
 came back (a timeout, a crash between Slack's answer and our commit), the
@@ -675,7 +675,7 @@ class Dispatcher:
                             last_error=bindparam("b_error")),
                     [{"b_id": d.row["id"], "b_status": d.status, "b_at": now, "b_error": d.error}
                      for d in others])
-            inserted = await _record_posts(conn, posted)
+            inserted = await _record_posts(conn, posted, now)
             if rest:
                 await conn.execute(
                     update(outbox).where(and_(outbox.c.id.in_(rest), outbox.c.status == "pending"))
@@ -737,12 +737,14 @@ async def counts(db: Database) -> dict[str, int]:
     return out
 
 
-async def _record_posts(conn: AsyncConnection, posted: dict[str, tuple[str, str]]) -> set[str]:
-    """Record (channel, ts) of posted message keys; a key already recorded keeps its first
-    record. Returns the keys recorded here (when the database can say: else none)."""
+async def _record_posts(conn: AsyncConnection, posted: dict[str, tuple[str, str]],
+                        now: datetime) -> set[str]:
+    """Record (channel, ts) of posted message keys, and when (`posted_at`: a drill's card
+    time); a key already recorded keeps its first record. Returns the keys recorded here
+    (when the database can say: else none)."""
     if not posted:
         return set()
-    rows = [{"key": k, "channel": c, "ts": t} for k, (c, t) in posted.items()]
+    rows = [{"key": k, "channel": c, "ts": t, "posted_at": now} for k, (c, t) in posted.items()]
     name = conn.dialect.name
     if name in ("sqlite", "postgresql"):
         insert_ = sqlite_insert if name == "sqlite" else pg_insert

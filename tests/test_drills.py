@@ -303,6 +303,41 @@ async def test_breakglass_drills_with_no_drills(make_box: MakeBox, policy_extra:
     assert bad.returncode == 2 and "at least 1" in bad.stderr
 
 
+async def test_the_card_time_is_read_from_slack_messages_not_the_outbox(
+        make_box: MakeBox) -> None:
+    """The reveal's transaction reads the card's time by its key in `slack_messages`
+    (posted_at), not by a LIKE over every sent outbox row: it holds when the outbox
+    has forgotten the post, and the times posted at reveal use it."""
+    from sqlalchemy import delete, select
+
+    from bot.store.schema import outbox, slack_messages
+
+    clock = OffsetClock()
+    box = await make_box(clock=clock)
+    await command(box, ALICE, "drill payments-write INC-7 rehearsal")
+    rid = box.latest_request_id()
+    await box.settle()
+    async with box.bot.db.read() as conn:
+        recorded = await conn.scalar(select(slack_messages.c.posted_at)
+                                     .where(slack_messages.c.key == f"card:{rid}"))
+    assert recorded is not None
+    opened = (await row(box, rid)).created_at
+    assert recorded.replace(tzinfo=None) >= opened.replace(tzinfo=None)
+    async with box.bot.db.transaction() as conn:  # the outbox forgets what it sent
+        await conn.execute(delete(outbox).where(outbox.c.status == "sent"))
+    clock.advance(timedelta(minutes=3))  # the card went up; the approvers take their time
+    async with box.bot.db.transaction() as conn:  # as if Slack had been slow to take it
+        await conn.execute(slack_messages.update().where(slack_messages.c.key == f"card:{rid}")
+                           .values(posted_at=opened + timedelta(minutes=1)))
+    await approve(box, rid, BOB, CAROL)
+    await reveal(box, rid)
+    async with box.bot.db.read() as conn:
+        posted = await drills.card_posted_at(conn, await store.load(conn, rid))
+    assert posted.replace(tzinfo=None) == (opened + timedelta(minutes=1)).replace(tzinfo=None)
+    [drill] = [r async for r in audit.export(box.bot.db) if r["event"] == "drill"]
+    assert 60 <= drill["details"]["to_card_s"] < 61
+
+
 async def test_drill_expiry_and_restart_keep_it_a_drill(make_box: MakeBox) -> None:
     clock = OffsetClock()
     box = await make_box(clock=clock)

@@ -22,7 +22,6 @@ A scope counts as rehearsed once a drill's token for it was revealed (or, with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,8 +39,7 @@ from ..core.durations import format_period
 from ..core.policy import Policy
 from ..slack import blocks
 from ..store import requests as store
-from ..store.schema import outbox as outbox_table
-from ..store.schema import periodic_runs, requests
+from ..store.schema import periodic_runs, requests, slack_messages
 
 if TYPE_CHECKING:
     from ..service import Service, _Writes
@@ -70,17 +68,13 @@ class Times:
 
 
 async def card_posted_at(conn: AsyncConnection, req: Request) -> datetime:
-    """When the request's approval card reached Slack: the outbox row that posted it is
-    written with the request (same `created_at`) and records `sent_at`. Until it is sent
-    (or once the outbox forgets it), the request's opening time stands in."""
-    needle = '"key":' + json.dumps(f"card:{req.id}")
-    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    sent = await conn.scalar(
-        select(outbox_table.c.sent_at).where(and_(
-            outbox_table.c.created_at == req.created_at, outbox_table.c.kind == "post",
-            outbox_table.c.status == "sent",
-            outbox_table.c.payload.like(f"%{escaped}%", escape="\\"))).limit(1))
-    return _aware(sent) or req.created_at
+    """When the request's approval card reached Slack: the outbox records it in
+    `slack_messages` (key `card:<id>`, `posted_at`) in the transaction that marks the post
+    sent, one primary-key read. Until it is sent (or for a card recorded before
+    `posted_at` existed), the request's opening time stands in."""
+    posted = await conn.scalar(select(slack_messages.c.posted_at)
+                               .where(slack_messages.c.key == f"card:{req.id}"))
+    return _aware(posted) or req.created_at
 
 
 async def times_of(conn: AsyncConnection, req: Request) -> Times:

@@ -104,6 +104,7 @@ slack_messages = Table(
     Column("key", Text, primary_key=True),
     Column("channel", Text, nullable=False),
     Column("ts", Text, nullable=False),
+    Column("posted_at", DateTime(timezone=True)),  # when the sender recorded it (NULL: before 0007)
 )
 
 # Signing keys; the private half is AES-GCM encrypted under the master key.
