@@ -244,20 +244,24 @@ class KeyRing:
         """Some key in the database does not decrypt under this process's master key."""
         return bool(self.unreadable)
 
-    async def use_algorithm(self, db: Database, alg: str, now: datetime) -> None:
+    async def use_algorithm(self, db: Database, alg: str, now: datetime,
+                            record: Record | None = None) -> None:
         """Sign with `alg` from now on (the policy's `tokens.algorithm` changed): its
-        newest key becomes current, made first if there is none."""
+        newest key becomes current, made first if there is none. `record(conn, kid)` runs
+        in the transaction that makes it (the `key_rotated` audit row and the alert), so
+        of several processes switching at once, only the one that made the key records."""
         if alg not in ALGORITHMS:
             raise ValueError(f"unsupported signing algorithm {alg!r}")
         previous = self.alg
         self.alg = alg
         try:
-            await self._load(db, now, tolerant=False)
+            await self._load(db, now, tolerant=False, record=record)
         except BaseException:
             self.alg = previous
             raise
 
-    async def _load(self, db: Database, now: datetime, tolerant: bool = False) -> None:
+    async def _load(self, db: Database, now: datetime, tolerant: bool = False,
+                    record: Record | None = None) -> None:
         async with db.read() as conn:
             rows = await _rows(conn)
         if _newest_current(rows, self.alg) is None:
@@ -266,7 +270,9 @@ class KeyRing:
                 rows = await _rows(conn)  # under the lock: maybe someone else just made one
                 if _newest_current(rows, self.alg) is None:
                     self._check_master(rows)  # never add a key under a different master
-                    await _insert_new(conn, self._aead, self.alg, now)
+                    kid = await _insert_new(conn, self._aead, self.alg, now)
+                    if record is not None:
+                        await record(conn, kid)
                     rows = await _rows(conn)
         self._install(rows, tolerant=tolerant)
 

@@ -16,7 +16,9 @@ SIGHUP and when the file changes, without a restart.
   `reconcile.reconcile_policy` revokes every live grant it no longer covers and
   cancels pending requests for removed scopes; the membership re-check runs
   right after (a holder removed from a group's static `members`). A new
-  `tokens.algorithm` makes that algorithm's newest key current (made if none).
+  `tokens.algorithm` makes that algorithm's newest key current (made if none:
+  a rotation, audited `key_rotated` and alerted like `breakglass keys rotate`,
+  once across replicas).
 * **Several replicas** each reload by themselves; each revocation and
   cancellation is a conditional update, so it happens once, and the posts about
   the reload carry a key, so each is posted once.
@@ -31,10 +33,13 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import outbox
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import audit, outbox
 from .core.policy import Policy, PolicyError, parse_policy
 from .delivery.webhooks import WebhookConfigError
-from .governance.alerts import RELOAD_REFUSED, raise_alert
+from .governance.alerts import KEY_ROTATED, RELOAD_REFUSED, raise_alert, raise_alert_in
+from .keys import Record
 from .live_policy import text_sha256
 from .reconcile import reconcile_policy
 from .slack import blocks
@@ -95,7 +100,8 @@ class PolicyReloader:
                 return await self._refuse(sha, [str(exc)], source, trigger)
             if policy.tokens.algorithm != rt.keyring.alg:
                 try:
-                    await rt.keyring.use_algorithm(rt.db, policy.tokens.algorithm, rt.clock.now())
+                    await rt.keyring.use_algorithm(rt.db, policy.tokens.algorithm, rt.clock.now(),
+                                                   record=self._key_rotation(policy, trigger))
                 except Exception as exc:  # noqa: BLE001 - refused like any invalid policy
                     rt.webhooks.configure(previous.webhooks, rt.env)
                     return await self._refuse(sha, [f"tokens.algorithm: cannot switch to "
@@ -107,6 +113,27 @@ class PolicyReloader:
         log.info("policy reloaded (%s, sha256 %s): %d grant(s) revoked, %d request(s) cancelled",
                  trigger, sha[:12], revoked, done.cancelled)
         return ReloadResult("reloaded", sha, (), revoked, done.cancelled)
+
+    def _key_rotation(self, policy: Policy, trigger: str) -> Record:
+        """A new signing key made by the switch of `tokens.algorithm` is a rotation
+        (§7.5, §7.7): audited `key_rotated` and alerted as `breakglass keys rotate` does,
+        in the transaction that makes the key (once across replicas)."""
+        rt = self.rt
+        previous = rt.keyring.current.kid
+        alg = policy.tokens.algorithm
+
+        async def record(conn: AsyncConnection, kid: str) -> None:
+            now = rt.clock.now()
+            details = {"kid": kid, "previous": previous, "alg": alg, "trigger": trigger}
+            await audit.append(conn, rt.audit_key, at=now, actor="breakglass",
+                               event="key_rotated", details=details)
+            await raise_alert_in(
+                conn, rt.audit_key, now, policy.slack.incident_channel, KEY_ROTATED,
+                f"signing key rotated by a policy reload (`tokens.algorithm = \"{alg}\"`): "
+                f"`{kid}` signs new tokens; tokens signed by `{previous}` keep verifying "
+                "until they expire.", {**details, "by": "policy reload"})
+
+        return record
 
     async def _apply(self, policy: Policy, text: str, source: str, trigger: str) -> None:
         """Record the reload (audit row and the post, one transaction), then swap."""

@@ -344,6 +344,41 @@ async def test_algorithm_change_by_reload_signs_with_the_new_algorithm(sandbox: 
     assert (await introspect(box, new_token))["active"] is True
 
 
+async def test_a_new_key_made_by_an_algorithm_reload_is_a_rotation_audited_once(
+        sandbox: Sandbox) -> None:
+    """§7.5/§7.7: the key that a switch of `tokens.algorithm` makes is audited
+    `key_rotated` and alerted as `breakglass keys rotate` does, once across replicas."""
+    from bot.core.policy import parse_policy
+
+    box = sandbox
+    previous = box.bot.keyring.current.kid
+    other = Runtime(box.settings, parse_policy(box.policy_text), clock=box.clock,
+                    policy_text=box.policy_text)
+    await other.start()
+    try:
+        text = box.policy_text.replace('algorithm = "RS256"', 'algorithm = "ES256"')
+        assert (await box.bot.reload_policy(text)).outcome == "reloaded"
+        assert (await other.reload_policy(text)).outcome == "reloaded"
+        await box.settle()
+        kid = box.bot.keyring.current.kid
+        assert kid != previous and other.keyring.current.kid == kid
+        [rotated] = await audited(box, "key_rotated")
+        details = json.loads(rotated.details)
+        assert (details["kid"], details["previous"], details["alg"]) == (kid, previous, "ES256")
+        assert rotated.actor == "breakglass"
+        alerts = [json.loads(r.details) for r in await audited(box, "alert")]
+        assert [a["kind"] for a in alerts] == ["key_rotated"] and alerts[0]["kid"] == kid
+        posts = [m.text for m in box.emulator.messages(INCIDENT)
+                 if m.text.startswith(":rotating_light:")]
+        assert len(posts) == 1 and kid in posts[0] and previous in posts[0]
+        # Back to RS256: its key exists, nothing is made, so nothing is rotated.
+        assert (await box.bot.reload_policy(box.policy_text)).outcome == "reloaded"
+        assert box.bot.keyring.current.kid == previous
+        assert len(await audited(box, "key_rotated")) == 1
+    finally:
+        await other.stop(drain_seconds=2.0)
+
+
 async def test_a_running_process_after_rotate_master_keeps_its_keys(sandbox: Sandbox) -> None:
     """keys rotate-master, then keys rotate, while this process still has the old master
     key: it keeps signing with the key it holds, says it needs the new master key, and
