@@ -10,7 +10,10 @@ SIGHUP and when the file changes, without a restart.
 * **Refused.** A policy that does not validate changes nothing: the running
   policy stays, the errors are logged, audited (`policy_refused`) and posted to
   the incident channel as an alert (`:rotating_light:`). The same bad file is
-  refused once, not at every check.
+  refused once, not at every check; of several replicas refusing it, the one
+  that claims `policy-refused:<running sha>:<new sha>` in `periodic_runs`
+  audits and alerts (one webhook `alert`), the others only log; again after
+  `REFUSAL_ALERT_AGAIN` (an hour) if it is still refused then.
 * **Applied.** The new policy replaces the old one in one step (`LivePolicy.swap`),
   is audited (`policy_reloaded`, old and new SHA-256), announced once, and then
   `reconcile.reconcile_policy` revokes every live grant it no longer covers and
@@ -31,6 +34,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -43,6 +47,7 @@ from .keys import Record
 from .live_policy import text_sha256
 from .reconcile import reconcile_policy
 from .slack import blocks
+from .store.periodic import claim_run
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -52,6 +57,9 @@ log = logging.getLogger(__name__)
 INTERVAL = 2.0
 HASH_EVERY = 5
 MAX_SHOWN_ERRORS = 8
+# The same bad file (over the same running policy) is audited and alerted once across
+# replicas and SIGHUPs; only if it is still being refused this long after, again.
+REFUSAL_ALERT_AGAIN = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,11 @@ class PolicyReloader:
                 f"running policy (sha256 `{running[:12]}`) stays. Fix the file; "
                 f"`breakglass check-policy` lists every problem.\n{lines}{more}")
         async with rt.service._write() as w:
+            # Every replica refuses the same file: the first to claim it audits and alerts
+            # (one webhook `alert`, one incident); the others only log.
+            if not await claim_run(w.conn, f"policy-refused:{running}:{sha}", now,
+                                   REFUSAL_ALERT_AGAIN):
+                return ReloadResult("refused", sha, tuple(errors))
             rt.service._audit(w, "breakglass", "policy_refused", {
                 "sha256": sha, "running_sha256": running, "trigger": trigger, "source": source,
                 "errors": errors[:50]})

@@ -186,6 +186,53 @@ async def test_invalid_policy_is_refused_and_the_running_one_stays(sandbox: Sand
     assert (await box.bot.reload_policy("[slack\nnot toml")).outcome == "refused"
 
 
+async def test_a_file_every_replica_refuses_alerts_once(tmp_path: Any,
+                                                        new_database: Any) -> None:
+    """§8 "each alert done once": two replicas refuse the same bad file; one
+    `policy_refused` row, one `alert` row, one incident post and one webhook `alert`
+    (PagerDuty gets one incident, not one per replica)."""
+    import secrets
+
+    from webhook_receiver import Receiver
+
+    receiver = await Receiver(secret=secrets.token_hex(32).encode()).start()
+    assert receiver.secret is not None
+    extra = (f'\n[[webhooks]]\nurl = "{receiver.url}"\nsecret_env = "RELOAD_HOOK_SECRET"\n'
+             'events = ["alert", "policy_refused"]\n')
+    env = {"RELOAD_HOOK_SECRET": receiver.secret.decode()}
+    box = Sandbox(directory=tmp_path, database_url=new_database(), extra_policy=extra, env=env)
+    await box.start()
+    second = Runtime(box.settings, box.bot.policy, policy_text=box.policy_text,
+                     sweep_interval=0.2, env=env)
+    await second.start()
+    try:
+        bad = box.policy_text.replace("quorum = 2", "quorum = 9")
+        results = await asyncio.gather(box.bot.reload_policy(bad), second.reload_policy(bad))
+        assert [r.outcome for r in results] == ["refused", "refused"]
+        # And once more each (a SIGHUP to both, say): still once.
+        assert (await second.reload_policy(bad, force=True)).outcome == "refused"
+        await second.dispatcher.drain(5)
+        await box.settle()
+        assert len(await audited(box, "policy_refused")) == 1
+        assert [json.loads(r.details)["kind"] for r in await audited(box, "alert")] == [
+            "reload_refused"]
+        posts = [m for m in box.emulator.messages(INCIDENT)
+                 if m.text.startswith(":rotating_light:")]
+        assert len(posts) == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(
+                [b for b in receiver.delivered() if b["event"] == "alert"]) < 1:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # time for a second one, were there one
+        delivered = receiver.delivered()
+        assert [b["event"] for b in delivered].count("alert") == 1, delivered
+        assert [b["event"] for b in delivered].count("policy_refused") == 1
+    finally:
+        await second.stop(drain_seconds=2)
+        await box.stop()
+        await receiver.stop()
+
+
 async def test_two_processes_reloading_revoke_each_grant_once(sandbox: Sandbox) -> None:
     box = sandbox
     grants = [(await live_grant(box))[0] for _ in range(3)]

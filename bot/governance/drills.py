@@ -27,9 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import metrics, outbox
@@ -39,6 +37,7 @@ from ..core.durations import format_period
 from ..core.policy import Policy
 from ..slack import blocks
 from ..store import requests as store
+from ..store.periodic import claim_run
 from ..store.schema import periodic_runs, requests, slack_messages
 
 if TYPE_CHECKING:
@@ -156,28 +155,6 @@ def reminder_text(due: Sequence[Overdue], every: timedelta) -> str:
 
 
 # -- the daily reminder ----------------------------------------------------------
-
-
-async def claim_run(conn: AsyncConnection, name: str, now: datetime, period: timedelta) -> bool:
-    """Claim this period's run of job `name`: True for one caller across every process
-    (a conditional UPDATE of its row, or the INSERT that creates it)."""
-    done = await conn.execute(
-        update(periodic_runs)
-        .where(and_(periodic_runs.c.name == name, periodic_runs.c.last_run_at <= now - period))
-        .values(last_run_at=now))
-    if done.rowcount == 1:
-        return True
-    exists = await conn.scalar(select(func.count()).where(periodic_runs.c.name == name))
-    if exists:
-        return False
-    dialect = conn.dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        insert_ = sqlite_insert if dialect == "sqlite" else pg_insert
-        created = await conn.execute(insert_(periodic_runs).values(name=name, last_run_at=now)
-                                     .on_conflict_do_nothing(index_elements=["name"]))
-    else:  # pragma: no cover - the two supported databases are above
-        created = await conn.execute(insert(periodic_runs).values(name=name, last_run_at=now))
-    return bool(created.rowcount == 1)
 
 
 async def remind(service: Service, now: datetime) -> int:
