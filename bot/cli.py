@@ -636,11 +636,13 @@ ENV_HELP = {
     "BREAKGLASS_METRICS_ADDR": "host:port of the /metrics listener, or off (default 127.0.0.1:9464)",
     "BREAKGLASS_METRICS_TOKEN": "bearer token that also opens /metrics on the main port",
     "BREAKGLASS_LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL, any case (default INFO)",
+    "BREAKGLASS_TRUSTED_PROXIES": "reverse proxies (IPs or networks, comma-separated) whose "
+                                  "X-Forwarded-For is believed",
 }
 SERVE_ENV = ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "SLACK_API_URL",
              "BREAKGLASS_POLICY", "BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY",
              "BREAKGLASS_HOST", "BREAKGLASS_PORT", "BREAKGLASS_METRICS_ADDR",
-             "BREAKGLASS_METRICS_TOKEN", "BREAKGLASS_LOG_LEVEL")
+             "BREAKGLASS_METRICS_TOKEN", "BREAKGLASS_LOG_LEVEL", "BREAKGLASS_TRUSTED_PROXIES")
 
 
 def _command(sub: Any, name: str, summary: str, description: str,

@@ -16,6 +16,9 @@ with what stops someone guessing their secrets (issue 13, item 8).
   a client's name nor failures from the same address (behind a proxy every request
   has the proxy's address) can lock a relying service out, even one whose secret this
   process has not verified yet (after a restart, on another replica).
+* The address is the peer's; behind a reverse proxy listed in
+  `BREAKGLASS_TRUSTED_PROXIES`, the client's address from its `X-Forwarded-For`
+  (`client_address`), so one guesser does not throttle every address at once.
 * Every failure is logged (client name as given, address, why; never the secret) and
   counted in `breakglass_client_auth_failures_total{reason}`.
 """
@@ -27,12 +30,13 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -156,6 +160,36 @@ class ClientAuthenticator:
         log.warning("client authentication failed (%s) for client %r from %s", reason,
                     (client_id or "")[:64], address)
         return Refused(401)
+
+
+def client_address(remote: str | None, forwarded_for: list[str],
+                   trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
+    """The address failures are counted against: the peer's, unless the peer is a
+    trusted proxy (BREAKGLASS_TRUSTED_PROXIES); then the nearest address in its
+    `X-Forwarded-For` that is not a trusted proxy (read from the right: a proxy appends
+    the address it saw, so what a client wrote itself is further left and not read)."""
+    if not trusted or remote is None or not _trusted(remote, trusted):
+        return remote
+    hops = [h.strip() for value in forwarded_for for h in value.split(",")]
+    address = remote
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # not written by a proxy of ours: stop at the last address we trust
+        address = hop
+        if not _trusted(hop, trusted):
+            break
+    return address
+
+
+def _trusted(address: str, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+             ) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted if net.version == ip.version)
 
 
 def _basic(header: str) -> tuple[str, str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class Settings:
     # the main port too (None: /metrics is 404 there).
     metrics_addr: str | None = DEFAULT_METRICS_ADDR
     metrics_token: str | None = None
+    # Proxies whose X-Forwarded-For names the client's address (client_auth.py).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def socket_mode(self) -> bool:
@@ -99,6 +102,10 @@ class Settings:
         if metrics_token is not None and len(metrics_token) < 16:
             problems.append("BREAKGLASS_METRICS_TOKEN is too short to be a secret: use at least "
                             "16 random characters (e.g. `openssl rand -hex 32`), or unset it")
+        trusted_proxies, bad_proxies = parse_trusted_proxies(
+            get("BREAKGLASS_TRUSTED_PROXIES") or "")
+        if bad_proxies:
+            problems.append(bad_proxies)
         if problems:
             raise ConfigError(problems)
         return cls(
@@ -113,7 +120,23 @@ class Settings:
             port=int(port_text),
             metrics_addr=metrics_addr,
             metrics_token=metrics_token,
+            trusted_proxies=trusted_proxies,
         )
+
+
+def parse_trusted_proxies(text: str) -> tuple[
+        tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], str | None]:
+    """BREAKGLASS_TRUSTED_PROXIES: addresses or networks, separated by commas or spaces;
+    (the networks, None) or ((), what is wrong)."""
+    found = []
+    for word in text.replace(",", " ").split():
+        try:
+            found.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            return (), (f"BREAKGLASS_TRUSTED_PROXIES: {word!r} is not an IP address or network: "
+                        "list your reverse proxy's addresses, like 10.0.0.5 or 10.0.0.0/24, "
+                        "separated by commas, or unset it")
+    return tuple(found), None
 
 
 def split_listen_addr(addr: str) -> tuple[str, int]:

@@ -277,8 +277,11 @@ async def _authenticate(request: web.Request, rt: Runtime
                         ) -> tuple[str, Client] | web.Response:
     """HTTP Basic client authentication (RFC 6749 §2.3.1), throttled and cached
     (client_auth.py): the client, or the 401 or 429 to answer."""
+    remote = client_auth.client_address(request.remote,
+                                        request.headers.getall("X-Forwarded-For", []),
+                                        rt.settings.trusted_proxies)
     result = await rt.client_auth.authenticate(request.headers.get("Authorization", ""),
-                                               request.remote, rt.policy.clients)
+                                               remote, rt.policy.clients)
     if isinstance(result, client_auth.Refused):
         if result.status == 429:
             return _no_store({"error": "slow_down", "error_description":

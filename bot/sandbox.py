@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import Settings
+from .config import Settings, parse_trusted_proxies
 from .core import client_secrets
 from .core.clock import Clock
 from .core.kdf import new_master_key
@@ -168,6 +168,7 @@ class Sandbox:
     master_key: str = field(default_factory=new_master_key)
     client_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     metrics_token: str | None = None
+    trusted_proxies: str = ""  # as BREAKGLASS_TRUSTED_PROXIES
     env: dict[str, str] | None = None  # the bot's environment for [[webhooks]] secrets
 
     async def start(self) -> Sandbox:
@@ -199,7 +200,8 @@ class Sandbox:
             bot_token=self.bot_token, signing_secret=self.signing_secret, app_token=None,
             api_url=self.emulator.api_url, policy_path=str(self.directory / "breakglass.toml"),
             database_url=self.database_url, master_key=self.master_key, host="127.0.0.1", port=0,
-            metrics_addr="127.0.0.1:0", metrics_token=self.metrics_token)
+            metrics_addr="127.0.0.1:0", metrics_token=self.metrics_token,
+            trusted_proxies=parse_trusted_proxies(self.trusted_proxies)[0])
         await self.start_bot()
         return self
 

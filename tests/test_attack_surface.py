@@ -624,6 +624,52 @@ async def test_guessing_never_locks_out_a_service_with_the_right_secret(
                             basic("payments-api", box.client_secret)))[0] == 200
 
 
+async def test_behind_a_trusted_proxy_failures_count_per_forwarded_address(
+        tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """With BREAKGLASS_TRUSTED_PROXIES naming the proxy (here: loopback, where the test
+    connects from), the address is the one the proxy appended to X-Forwarded-For: one
+    guesser is throttled, another address is not; what a client wrote itself to the left
+    is not believed. Without it the header is ignored (tests above)."""
+    async with Sandbox(directory=tmp_path, database_url=database_url,
+                       trusted_proxies="127.0.0.1, ::1") as box:
+        url = f"{box.url}/oauth2/introspect"
+
+        async def guess(n: int, forwarded: str) -> int:
+            return (await post_form(url, {**basic(f"guess-{n}", "x" * 20),
+                                          "X-Forwarded-For": forwarded}))[0]
+
+        # The guesser writes a different address of its own each time; the proxy
+        # appends the one it saw (203.0.113.5), which is the one counted.
+        statuses = [await guess(n, f"198.51.100.{n}, 203.0.113.5") for n in range(12)]
+        assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}, statuses
+        assert "from 203.0.113.5" in caplog.text and "198.51.100." not in caplog.text
+        assert await guess(99, "203.0.113.6") == 401  # another address: not throttled
+        assert await guess(98, "198.51.100.7, 203.0.113.5") == 429
+
+
+def test_client_address_reads_x_forwarded_for_only_from_trusted_proxies() -> None:
+    from bot.client_auth import client_address
+    from bot.config import ConfigError, Settings, parse_trusted_proxies
+
+    nets, _ = parse_trusted_proxies("10.0.0.5, 172.16.0.0/12 ::1")
+    assert client_address("192.0.2.1", ["203.0.113.5"], nets) == "192.0.2.1"  # not a proxy
+    assert client_address("10.0.0.5", ["203.0.113.5"], nets) == "203.0.113.5"
+    assert client_address("10.0.0.5", ["1.2.3.4, 203.0.113.5, 172.17.0.3"], nets) == \
+        "203.0.113.5"  # two proxies: the address the outer one saw
+    assert client_address("10.0.0.5", ["bogus, 203.0.113.5"], nets) == "203.0.113.5"
+    assert client_address("10.0.0.5", ["bogus"], nets) == "10.0.0.5"
+    assert client_address("10.0.0.5", [], nets) == "10.0.0.5"
+    assert client_address("10.0.0.5", ["203.0.113.5"], ()) == "10.0.0.5"
+    base = {"SLACK_BOT_TOKEN": "xoxb-" + secrets.token_hex(8),
+            "SLACK_SIGNING_SECRET": secrets.token_hex(16),
+            "BREAKGLASS_MASTER_KEY": new_master_key()}
+    assert Settings.from_env(base).trusted_proxies == ()
+    assert len(Settings.from_env({**base, "BREAKGLASS_TRUSTED_PROXIES": "10.0.0.5"})
+               .trusted_proxies) == 1
+    with pytest.raises(ConfigError, match="BREAKGLASS_TRUSTED_PROXIES: 'proxy' is not an IP"):
+        Settings.from_env({**base, "BREAKGLASS_TRUSTED_PROXIES": "proxy"})
+
+
 OLD_SECRET = "ledger-" + secrets.token_hex(12)
 OLD_CLIENT = (f'\n[clients.ledger-sync]\nsecret_sha256 = '
               f'"{hashlib.sha256(OLD_SECRET.encode()).hexdigest()}"\n'

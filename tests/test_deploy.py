@@ -54,3 +54,19 @@ def test_every_variable_is_documented() -> None:
     assert {"SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "BREAKGLASS_MASTER_KEY"} <= names
     for name in names:
         assert f"`{name}`" in SETUP, f"{name} is not documented in docs/setup.md or operations.md"
+
+
+def test_the_replicas_trust_exactly_the_proxys_forwarded_for() -> None:
+    import ipaddress
+
+    from bot.config import parse_trusted_proxies
+
+    trusted, problem = parse_trusted_proxies(
+        COMPOSE["x-bot"]["environment"]["BREAKGLASS_TRUSTED_PROXIES"])
+    assert problem is None
+    proxy = COMPOSE["services"]["proxy"]["networks"]["default"]["ipv4_address"]
+    [subnet] = COMPOSE["networks"]["default"]["ipam"]["config"]
+    assert [str(n) for n in trusted] == [f"{proxy}/32"]
+    assert ipaddress.ip_address(proxy) in ipaddress.ip_network(subnet["subnet"])
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "X-Forwarded-For $proxy_add_x_forwarded_for" in conf
