@@ -149,8 +149,9 @@ async def test_operator_revokes_by_id_and_jti_announced_and_dm_edited(make_box: 
 
     # A running bot delivers what the command line queued: announced, DM edited, thread.
     for rid, user in ((a, ALICE), (b, BOB)):
-        await box.emulator.wait_for(lambda rid=rid, user=user: bool(
-            dm_of(box, user, rid).history), timeout=20)
+        # (A's DM was edited once already, by the reveal: wait for the revocation's edit.)
+        await box.emulator.wait_for(lambda rid=rid, user=user: "revoked" in content(
+            dm_of(box, user, rid)), timeout=20)
         dm = dm_of(box, user, rid)
         assert "revoked" in content(dm) and "opsperson" in content(dm)
         assert buttons(dm) == {}
