@@ -22,6 +22,7 @@ from .core import quorum, tokens
 from .core.clock import Clock
 from .core.domain import Request, State, TriggerResult
 from .core.errors import Refusal
+from .core.grants import ceiling
 from .core.policy import Policy, Scope
 from .directory import Directory
 from .governance import alerts, drills, escalation, expiry, refusals
@@ -44,6 +45,16 @@ _ID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 
 def new_request_id() -> str:
     return "R" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(7))
+
+
+# A click looks up its approvers (maybe in Slack) outside its transaction; if a reload
+# changed them meanwhile, it looks again, this many times in all.
+_POLICY_RACE_TRIES = 3
+
+
+def _scope_removed(request_id: str) -> str:
+    return (f"The scope of {request_id} is no longer in the policy, so it cannot be approved "
+            "any more. Nothing was changed; the requester can ask for another scope.")
 
 
 def card_key(request_id: str) -> str:
@@ -368,31 +379,53 @@ class Service:
             expires_at=now + self.policy.requests.expire_after, triggers=results,
             drill=draft.drill, command_at=draft.command_at,
         )
-        tally = quorum.tally((), draft.scope.quorum)
-        limits = self.policy.requests
         refusal: Refusal | None = None
         async with self._write() as w:
-            # Count and insert in one transaction, the requester's lock held: concurrent
-            # commands from one person cannot all pass the count before any inserts.
-            await store.lock_requester(w.conn, draft.requester)
-            recent = await self._recent(w.conn, draft.requester, now, draft.drill)
-            if recent >= limits.rate_limit:
-                refusal = await self._rate_refusal(w, draft.requester, draft.scope_name,
-                                                   recent, now, draft.drill)
+            # The live policy, read again: a reload during the probes (contract §7.3) may
+            # have removed the scope or lowered its limits; the request follows it.
+            policy = self.policy
+            live = policy.scope_named(draft.scope_name)
+            if live is None:
+                refusal = Refusal("scope_removed", f"The scope `{draft.scope_name}` was removed "
+                                  "from the policy while your request was being checked. "
+                                  "Nothing was recorded. `/breakglass scopes` lists the "
+                                  "scopes you may request.")
+            elif live.triggers != draft.scope.triggers:
+                refusal = Refusal("policy_changed", "The policy changed the triggers of "
+                                  f"`{draft.scope_name}` while your request was being checked. "
+                                  "Nothing was recorded: send the same command again.")
             else:
-                if draft.overdue_reviews:  # rare: only then are they listed, for the card
-                    req = replace(req, overdue_reviews=tuple(
-                        await review_store.overdue_for(w.conn, req.requester, now)))
-                await self._open(w, req, draft, tally, results)
-                await alerts.on_request(w, w.conn, self.policy, now, request_id=req.id,
-                                        requester=req.requester, scope=req.scope,
-                                        drill=draft.drill)
+                limit = ceiling(policy, draft.scope_name)
+                if limit is not None and req.ttl > limit:
+                    req = replace(req, ttl=limit)
+                draft = replace(draft, scope=live, ttl=req.ttl)
+                tally = quorum.tally((), live.quorum)
+                req, refusal = await self._count_and_open(w, req, draft, tally, results, policy,
+                                                          now)
         self.wake_outbox()
         if refusal is not None:
             raise refusal
         self._remember_scope(req.id, req.scope)
         metrics.REQUESTS.labels(outcome="opened").inc()
         return req
+
+    async def _count_and_open(self, w: _Writes, req: Request, draft: Draft,
+                              tally: quorum.Tally, results: Sequence[TriggerResult],
+                              policy: Policy, now: datetime) -> tuple[Request, Refusal | None]:
+        """Count and insert in one transaction, the requester's lock held: concurrent
+        commands from one person cannot all pass the count before any inserts."""
+        await store.lock_requester(w.conn, draft.requester)
+        recent = await self._recent(w.conn, draft.requester, now, draft.drill)
+        if recent >= policy.requests.rate_limit:
+            return req, await self._rate_refusal(w, draft.requester, draft.scope_name,
+                                                 recent, now, draft.drill)
+        if draft.overdue_reviews:  # rare: only then are they listed, for the card
+            req = replace(req, overdue_reviews=tuple(
+                await review_store.overdue_for(w.conn, req.requester, now)))
+        await self._open(w, req, draft, tally, results)
+        await alerts.on_request(w, w.conn, policy, now, request_id=req.id,
+                                requester=req.requester, scope=req.scope, drill=draft.drill)
+        return req, None
 
     async def _open(self, w: _Writes, req: Request, draft: Draft, tally: quorum.Tally,
                     results: Sequence[TriggerResult]) -> None:
@@ -427,43 +460,75 @@ class Service:
                               f"There is no request {blocks.escape(request_id)}.")
             scope_name = current.scope
             self._remember_scope(request_id, scope_name)
-        scope = self.policy.scope_named(scope_name)
-        if scope is None:
-            raise Refusal("scope_removed", f"The scope of {request_id} is no longer in the policy.")
-        # May ask Slack: outside the transaction. A membership Slack cannot confirm
-        # (no answer within the last 10 minutes) is not assumed.
-        membership = await self.directory.resolve(scope.approvers)
-        approvers = membership.members
-        backup = await self.directory.resolve(scope.fallback_approvers)
-        fallback = backup.members
-        unconfirmed = membership.unconfirmed + backup.unconfirmed
         decision = "approve" if approve else "deny"
-        if user not in approvers and user not in fallback and unconfirmed:
-            raise await self._refuse(user, unconfirmed_membership(unconfirmed),
-                                     {"action": decision}, request_id)
-        now = self.clock.now()
-        refusal: Refusal | None = None
-        async with self._write() as w:
-            req = await store.load(w.conn, request_id, lock=True)
-            if req is None:  # pragma: no cover - requests are never deleted
-                raise Refusal("unknown_request", f"There is no request {request_id}.")
-            try:
-                quorum.judge_click(req, user, approvers, self.approver_label(scope), now,
-                                   fallback=fallback, escalated=req.escalated_at is not None,
-                                   fallback_label=", ".join(scope.fallback_approvers))
-            except Refusal as exc:
-                refusal = exc
-            if refusal is None:
-                req = await self._apply_decision(w, req, scope, user, decision, now)
-        if refusal is not None:
-            raise await self._refuse(user, refusal, {"action": decision}, request_id)
-        self.wake_outbox()
-        return req
+        for _ in range(_POLICY_RACE_TRIES):
+            scope = self.policy.scope_named(scope_name)
+            if scope is None:
+                raise Refusal("scope_removed", _scope_removed(request_id))
+            # May ask Slack: outside the transaction. A membership Slack cannot confirm
+            # (no answer within the last 10 minutes) is not assumed.
+            membership = await self.directory.resolve(scope.approvers)
+            approvers = membership.members
+            backup = await self.directory.resolve(scope.fallback_approvers)
+            fallback = backup.members
+            unconfirmed = membership.unconfirmed + backup.unconfirmed
+            if user not in approvers and user not in fallback and unconfirmed:
+                raise await self._refuse(user, unconfirmed_membership(unconfirmed),
+                                         {"action": decision}, request_id)
+            now = self.clock.now()
+            refusal: Refusal | None = None
+            async with self._write() as w:
+                # The live policy, read again: a reload during the lookups above (contract
+                # §7.3) found no grant to revoke yet, so this one must follow the new policy.
+                policy = self.policy
+                live = policy.scope_named(scope_name)
+                if live is None:
+                    refusal = Refusal("scope_removed", _scope_removed(request_id))
+                elif (live.approvers, live.fallback_approvers) != (
+                        scope.approvers, scope.fallback_approvers):
+                    continue  # other approvers now: look them up again (nothing written)
+                else:
+                    req = await store.load(w.conn, request_id, lock=True)
+                    if req is None:  # pragma: no cover - requests are never deleted
+                        raise Refusal("unknown_request", f"There is no request {request_id}.")
+                    try:
+                        quorum.judge_click(req, user, approvers, self.approver_label(live), now,
+                                           fallback=fallback,
+                                           escalated=req.escalated_at is not None,
+                                           fallback_label=", ".join(live.fallback_approvers))
+                    except Refusal as exc:
+                        refusal = exc
+                    if refusal is None:
+                        req = await self._apply_decision(w, req, live, user, decision, now,
+                                                         policy)
+            if refusal is not None:
+                raise await self._refuse(user, refusal, {"action": decision}, request_id)
+            self.wake_outbox()
+            if req.state == State.ISSUED and self.policy is not policy:
+                await self._follow_reload(req)
+            return req
+        raise Refusal("policy_changed", "The policy changed several times while your click "
+                      "was being checked. Click again.")
+
+    async def _follow_reload(self, req: Request) -> None:
+        """A reload swapped the policy while the grant's transaction was committing: its
+        reconciliation may have read before the grant existed. Apply it to this grant."""
+        from .core.grants import outlived
+        from .reconcile import revoke_many
+
+        grant = dict(req.extra.get("grant") or {})
+        why = outlived(self.policy, req.scope, grant, req.token_expires_at, self.clock.now(),
+                       drill=req.drill)
+        if why is not None:
+            await revoke_many(self, {req.id: why}, actor="policy")
 
     async def _apply_decision(self, w: _Writes, req: Request, scope: Scope,
-                              user: str, decision: str, now: datetime) -> Request:
+                              user: str, decision: str, now: datetime,
+                              policy: Policy | None = None) -> Request:
         """`req` was read in this transaction (under its lock): the request after each
-        write is built from it, not read again."""
+        write is built from it, not read again. `scope` is of `policy` (the live policy
+        read in this transaction): the grant is its audience, permissions and ceiling."""
+        policy = policy or self.policy
         conn = w.conn
         await store.add_decision(conn, req.id, user, decision, now)
         req = store.decided(req, user, decision)
@@ -488,9 +553,11 @@ class Service:
         grant: dict[str, Any] = {"audience": scope.audience, "permissions": list(scope.permissions)}
         if req.drill:  # a real token for no service: the drill audience, and the claim
             grant = {**grant, "audience": tokens.DRILL_AUDIENCE, "drill": True}
+        limit = ceiling(policy, req.scope)  # a reload may have lowered it since the request
+        ttl = req.ttl if limit is None else min(req.ttl, limit)
         values: dict[str, Any] = {
             "jti": tokens.new_jti(), "kid": kid, "issued_at": now,
-            "token_expires_at": now + req.ttl, "grant": json.dumps(grant)}
+            "token_expires_at": now + ttl, "grant": json.dumps(grant)}
         issued = await store.transition(conn, req.id, [State.PENDING], State.ISSUED, **values)
         if not issued:  # pragma: no cover - the lock above makes this unreachable
             raise Refusal("request_closed", f"Request {req.id} is already closed.")
@@ -500,7 +567,7 @@ class Service:
             "expires_at": req.token_expires_at.isoformat() if req.token_expires_at else None,
         }, req.id, drill=req.drill)
         self._card(w, req, scope)
-        if self.policy.tokens.delivery == "reveal":
+        if policy.tokens.delivery == "reveal":
             w.rows.append(outbox.post_row(
                 now, req.requester, blocks.tag(req, f"Your break-glass access to {req.scope} "
                 f"({req.id}) was approved. Reveal the token once."),
@@ -521,11 +588,15 @@ class Service:
         grant = req.extra.get("grant") or {}
         assert req.issued_at is not None and req.jti is not None
         key = self.keyring.current
+        # What was granted at issuance (a reload may have lowered the ceiling after the
+        # request was opened), not what was asked for.
+        lifetime = (req.token_expires_at - req.issued_at if req.token_expires_at is not None
+                    else req.ttl)
         claims = tokens.build_claims(
             issuer=self.policy.tokens.issuer, subject=req.requester,
             audience=grant["audience"], permissions=grant["permissions"], client_id=CLIENT_ID,
             request_id=req.id, incident=req.incident, approvers=req.approvals,
-            issued_at=req.issued_at, lifetime=req.ttl, jti=req.jti,
+            issued_at=req.issued_at, lifetime=lifetime, jti=req.jti,
             drill=bool(grant.get("drill")))
         return tokens.mint(claims, key)
 

@@ -33,7 +33,7 @@ from helpers import timed
 from sqlalchemy import func, select
 from test_flow import JWT_RE, approve, click, content, dm, incident, request, reveal, row
 
-from bot.core.clock import ManualClock
+from bot.core.clock import ManualClock, OffsetClock
 from bot.core.kdf import new_master_key
 from bot.keys import KeyRing
 from bot.runtime import Runtime
@@ -358,6 +358,110 @@ async def test_approval_refused_when_slack_cannot_confirm_membership(tmp_path: A
         assert "could not confirm your membership of oncall; try again" in said
     finally:
         await box.stop()
+
+
+async def click_during_reload(box: Sandbox, clock: OffsetClock, new_policy: str) -> str:
+    """CAROL's click that reaches quorum, with Slack slow to say who is in sre-leads;
+    the reload of `new_policy` lands while the click waits for Slack. Returns the id."""
+    box.emulator.set_usergroup("S0ONCALL", [ALICE])
+    box.emulator.set_usergroup("S0LEADS", [BOB, CAROL])
+    assert (await box.bot.reload_policy(with_usergroups(box.policy_text, recheck="1h"))
+            ).outcome == "reloaded"
+    _, rid = await request(box)
+    await approve(box, rid, BOB)
+    clock.advance(timedelta(minutes=2))  # the cached membership is old: the click asks Slack
+    before = len(box.emulator.calls_to("usergroups.users.list"))
+    box.emulator.hang("usergroups.users.list", 1.5)
+    card = box.card(rid)
+    clicking = asyncio.create_task(box.slack.click(CAROL, "bg_approve", rid,
+                                                   channel_id=card.channel, message_ts=card.ts))
+    deadline = time.monotonic() + 5
+    while len(box.emulator.calls_to("usergroups.users.list")) == before:
+        assert time.monotonic() < deadline, "the click never asked Slack"
+        await asyncio.sleep(0.01)
+    assert (await box.bot.reload_policy(with_usergroups(new_policy, recheck="1h"))
+            ).outcome == "reloaded"
+    await clicking
+    await box.settle()
+    await asyncio.sleep(2)  # the hung lookup answered and the click finished
+    await box.settle()
+    return rid
+
+
+async def test_a_click_during_a_reload_that_narrows_the_scope_issues_the_new_grant(
+        tmp_path: Any, new_database: Any) -> None:
+    """§7.3: a reload while a click waits for Slack found no grant to revoke; the token
+    issued after it follows the new policy (permissions, lifetime), not the old one."""
+    clock = OffsetClock()
+    box = Sandbox(directory=tmp_path, clock=clock, database_url=new_database())
+    await box.start()
+    try:
+        narrowed = box.policy_text.replace(
+            'permissions = ["payments:read", "payments:write"]',
+            'permissions = ["payments:read"]').replace('max_ttl = "30m"', 'max_ttl = "10m"', 1)
+        assert narrowed.count('max_ttl = "10m"') >= 1 and narrowed != box.policy_text
+        rid = await click_during_reload(box, clock, narrowed)
+        req = await row(box, rid)
+        assert req.state == "issued"
+        assert json.loads(req.grant)["permissions"] == ["payments:read"]
+        assert req.token_expires_at - req.issued_at <= timedelta(minutes=10)
+        token = await reveal(box, rid)
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["scope"] == "payments:read"
+        assert claims["exp"] - claims["iat"] <= 600
+        assert (await introspect(box, token))["active"] is True  # it stands: not revoked
+    finally:
+        await box.stop()
+
+
+async def test_a_click_during_a_reload_that_removes_the_scope_issues_nothing(
+        tmp_path: Any, new_database: Any) -> None:
+    clock = OffsetClock()
+    box = Sandbox(directory=tmp_path, clock=clock, database_url=new_database())
+    await box.start()
+    try:
+        rid = await click_during_reload(box, clock, without_payments(box.policy_text))
+        assert (await row(box, rid)).state == "cancelled"
+        assert await audited(box, "issued", rid) == []
+        assert not any(JWT_RE.search(content(m)) for m in box.emulator.messages(ALICE))
+    finally:
+        await box.stop()
+
+
+async def command_during_reload(box: Sandbox, new_policy: str) -> list[Any]:
+    """ALICE's command whose trigger probe hangs (until its 2 s timeout: down, so it
+    holds) while `new_policy` is reloaded. Returns the requests table afterwards."""
+    from bot.store.schema import requests as requests_table
+
+    box.probes.status["auth"] = None
+    commanding = asyncio.create_task(
+        box.slack.command(ALICE, "payments-write 30m INC-7 auth down"))
+    await asyncio.sleep(0.7)  # the probe is under way
+    assert (await box.bot.reload_policy(new_policy)).outcome == "reloaded"
+    await commanding
+    await asyncio.sleep(2.5)  # the probe timed out and the command finished
+    await box.settle()
+    async with box.bot.db.read() as conn:
+        return list((await conn.execute(select(requests_table))).all())
+
+
+async def test_a_command_during_a_reload_follows_the_new_policy(sandbox: Sandbox) -> None:
+    box = sandbox
+    narrowed = box.policy_text.replace('max_ttl = "30m"', 'max_ttl = "10m"', 1)
+    [req] = await command_during_reload(box, narrowed)
+    assert req.ttl_s == 600  # the new ceiling, not the 30 minutes the old policy allowed
+    await approve(box, req.id, BOB, CAROL)
+    token = await reveal(box, req.id)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 600
+
+
+async def test_a_command_during_a_reload_that_removes_the_scope_opens_nothing(
+        sandbox: Sandbox) -> None:
+    box = sandbox
+    assert await command_during_reload(box, without_payments(box.policy_text)) == []
+    said = json.dumps([r.body for r in box.emulator.responses])
+    assert "was removed from the policy while your request was being checked" in said
 
 
 async def test_policy_file_watcher_and_sandbox_policy_helpers(tmp_path: Any) -> None:

@@ -80,6 +80,7 @@ NOT_RATE_COUNTED = frozenset({
     "grant_live", "no_review", "drill_no_review",  # a review asked for too early or of nothing
     "not_escalated_yet",  # a fallback approver clicking before the escalation
     "quorum_unreachable", "scope_removed", "review_overdue", "unknown_request",
+    "policy_changed",  # a reload in the middle of a command or a click: send it again
     "missing_reason", "missing_summary", "summary_too_long",
     "secret_in_reason", "secret_in_summary",
 })
