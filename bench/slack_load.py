@@ -261,12 +261,21 @@ async def thousand(lines: list[str], n: int) -> None:
 
 async def webhook_figures(bot: BotProcess, sink: WebhookSink, started: float, elapsed: float,
                           lines: list[str]) -> None:
-    events = ", ".join(f"'{e}'" for e in sink.EVENTS)
-    want = await count(bot, f"SELECT count(*) FROM audit_log WHERE event IN ({events})")
-    try:
-        await wait_until(lambda: min(sink.delivered()) >= want, 180, "every webhook event")
-    except TimeoutError:
-        pass
+    # Checkpoints go to every webhook whatever its `events` list (contract §7.6).
+    events = ", ".join(f"'{e}'" for e in [*sink.EVENTS, "checkpoint"])
+    # Events keep being audited after the run (checkpoints, summaries): count again once
+    # the receivers have what was counted, until the count stops moving.
+    want = -1
+    for _ in range(10):
+        counted = await count(bot, f"SELECT count(*) FROM audit_log WHERE event IN ({events})")
+        if counted == want:
+            break
+        want = counted
+        try:
+            await wait_until(lambda: min(sink.delivered()) >= want, 180, "every webhook event")
+        except TimeoutError:
+            break
+        await asyncio.sleep(2.0)
     late = max(sink.last_at) - started if max(sink.last_at) else float("nan")
     dead = await count(bot, "SELECT count(*) FROM outbox WHERE kind = 'webhook' AND status = 'dead'")
     lines.extend([
