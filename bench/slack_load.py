@@ -272,7 +272,7 @@ async def webhook_figures(bot: BotProcess, sink: WebhookSink, started: float, el
             break
         want = counted
         try:
-            await wait_until(lambda: min(sink.delivered()) >= want, 180, "every webhook event")
+            await wait_until(lambda w=want: min(sink.delivered()) >= w, 180, "every webhook event")
         except TimeoutError:
             break
         await asyncio.sleep(2.0)
