@@ -88,3 +88,38 @@ class Foreground:
 def _set(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+MAX_HOLD = 10.0  # seconds; the longest the outbox holds its sends for a revocation pass
+
+
+class Passes:
+    """Revocation passes in progress (`reconcile.revoke_many`: a reload that ends
+    thousands of grants). While one runs, the outbox holds its sends (`hold`, before
+    each claim and each row), so the pass, which is what makes the tokens stop
+    working, has the event loop to itself between Slack's requests; what it queued
+    goes out right after. A hold never lasts longer than `MAX_HOLD`."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._done: asyncio.Event | None = None
+
+    @contextlib.contextmanager
+    def running_pass(self) -> Iterator[None]:
+        if self.running == 0:
+            self._done = asyncio.Event()
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            if self.running == 0 and self._done is not None:
+                self._done.set()
+
+    async def hold(self) -> None:
+        """Return at once when no pass runs; else when it ends, or after `MAX_HOLD`."""
+        done = self._done
+        if self.running == 0 or done is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), MAX_HOLD)

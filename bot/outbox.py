@@ -48,7 +48,9 @@ row waits for it; a message that was never posted is left out (the post goes
 to the channel, without the link).
 
 Token DMs (`token_dm`) hold no token: the dispatcher asks `materialise`
-for the text at send time, and the token is minted then.
+for the text at send time, and the token is minted then. Rows queued
+unrendered (`render_row` edits, `render_post_row` posts: payload `render`) are
+made by `materialise` at send time too, from the state as it stands then.
 """
 
 from __future__ import annotations
@@ -142,6 +144,17 @@ def render_row(now: datetime, key: str, lane: str, render: str, **payload: Any) 
     return row(now, lane=lane, kind="update", payload={"key": key, "render": render, **payload})
 
 
+def render_post_row(now: datetime, channel: str, key: str, render: str, *,
+                    thread_key: str | None = None, **payload: Any) -> dict[str, Any]:
+    """A post whose text is made when it is sent (`materialise`, payload `render`), like
+    `render_row`'s edits: cheap to enqueue by the thousand (the review threads of a
+    reload that revokes many grants). `key` and `thread_key` as in `post_row`."""
+    body: dict[str, Any] = {"channel": channel, "key": key, "render": render, **payload}
+    if thread_key:
+        body["thread_key"] = thread_key
+    return row(now, lane=channel, kind="post", payload=body)
+
+
 def update_row(now: datetime, key: str, lane: str, text: str,
                blocks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return row(now, lane=lane, kind="update", payload={"key": key, "text": text, "blocks": blocks})
@@ -152,7 +165,26 @@ async def enqueue_many(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) ->
     their ids, and so their order in each lane, follow the list."""
     if not rows:
         return
+    if conn.dialect.name == "sqlite" and len(rows) > 1 and all(r.keys() == _ROW_KEYS for r in rows):
+        # Written directly in SQLAlchemy's SQLite storage format (as audit.append_many
+        # does): skips its per-row bind processing, which a reload's thousands of rows
+        # would otherwise pay for.
+        await conn.exec_driver_sql(_INSERT_SQLITE, [
+            (r["lane"], r["kind"], r["payload"], r["status"], r["attempts"],
+             _sqlite_time(r["next_attempt_at"]), _sqlite_time(r["created_at"])) for r in rows])
+        return
     await conn.execute(insert(outbox), list(rows) if len(rows) > 1 else rows[0])
+
+
+_ROW_KEYS = {"lane": 0, "kind": 0, "payload": 0, "status": 0, "attempts": 0,
+             "next_attempt_at": 0, "created_at": 0}.keys()
+_INSERT_SQLITE = ("INSERT INTO outbox (lane, kind, payload, status, attempts, next_attempt_at, "
+                  "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+def _sqlite_time(value: datetime) -> str:
+    """SQLAlchemy's SQLite storage format for a DateTime (its value as given)."""
+    return value.isoformat(" ", "microseconds")[:26]  # strftime is several times slower
 
 
 async def enqueue(
@@ -241,6 +273,7 @@ class Dispatcher:
         poll_interval: float = 0.5,
         lease: float | None = None,
         yield_to: Callable[[], Awaitable[None]] | None = None,
+        hold: Callable[[], Awaitable[None]] | None = None,
         senders: dict[str, Sender] | None = None,
     ) -> None:
         self.db = db
@@ -254,6 +287,9 @@ class Dispatcher:
         self.poll_interval = poll_interval
         self.lease = timedelta(seconds=lease) if lease is not None else _lease_for(client)
         self.yield_to = yield_to  # awaited before each claim (e.g. while Slack acks are served)
+        # Awaited before each claim and each row: returns at once unless a revocation pass
+        # runs (foreground.Passes), which then has the loop first.
+        self.hold = hold
         self._wake = asyncio.Event()
         self._next_due: datetime | None = None
         self._dirty = True  # something may be due: the next round claims without a look first
@@ -346,6 +382,8 @@ class Dispatcher:
             return sum(len(rows) for rows in lanes)
 
     async def _claim(self) -> list[list[dict[str, Any]]]:
+        if self.hold is not None:
+            await self.hold()
         now = self.clock.now()
         look, self._dirty = not self._dirty, False
         if look:
@@ -412,6 +450,8 @@ class Dispatcher:
 
     async def _deliver_lane(self, rows: list[dict[str, Any]]) -> None:
         for i, row in enumerate(rows):
+            if self.hold is not None:
+                await self.hold()
             rest = [r["id"] for r in rows[i + 1:]]
             outcome = await self._deliver(row, rest, fresh=i == 0)
             if outcome is not Outcome.SENT:
@@ -496,7 +536,12 @@ class Dispatcher:
             key = p.get("key")
             if key and await self._recorded(key, fresh):
                 return None  # posted before a crash: never post twice
-            text = p["text"]
+            text, post_blocks = p.get("text"), p.get("blocks")
+            if p.get("render"):  # queued unrendered (`render_post_row`): made now
+                rendered = await self.materialise(p)
+                if rendered is None:
+                    return None  # nothing to say any more
+                text, post_blocks = rendered.text, rendered.blocks
             thread_ts = None
             if p.get("thread_key"):
                 where = await self._named(p["thread_key"], row_id)
@@ -508,7 +553,7 @@ class Dispatcher:
                                             message_ts=where[1])
                     text = f"{text}\n<{link['permalink']}|{p.get('link_text') or 'Open it'}>"
             resp = await self._call("chat_postMessage", channel=p["channel"], text=text,
-                                    blocks=p.get("blocks"), thread_ts=thread_ts,
+                                    blocks=post_blocks, thread_ts=thread_ts,
                                     unfurl_links=False, unfurl_media=False)
             if key:
                 return key, str(resp["channel"]), str(resp["ts"])

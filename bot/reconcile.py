@@ -6,15 +6,22 @@ its reason, and every pending request for a scope that is gone is cancelled.
 `membership.MembershipRecheck` revokes through `revoke_many` too.
 
 Thousands of grants can end at once (a scope removed in the middle of a large
-incident), so they are closed in batches of `BATCH`, each one transaction:
-a conditional `UPDATE … WHERE id IN (…) AND state IN ('issued', 'revealed')
-RETURNING id`, an audit row per grant, and the outbox rows (card, the holder's
-DM edited so no token text stays in Slack, the incident post) together. Of two
-processes reconciling at once, each grant is matched by exactly one `UPDATE`,
-so it is revoked, audited and announced once. Between batches the pass waits
-for the foreground (`Foreground.wait`), so Slack's requests are answered first.
-More than `FEW` grants ended for one reason in one batch are announced in one
-incident post that lists them, instead of one post each.
+incident). The live grants are read `SCAN` at a time, and those to end are
+closed in batches of `BATCH` (50: a batch holds the event loop for tens of
+milliseconds, not hundreds), each one transaction: a conditional
+`UPDATE … WHERE id IN (…) AND state IN ('issued', 'revealed') RETURNING *`,
+their token closures, an audit row per grant, the outbox rows (card, the
+holder's DM edited so no token text stays in Slack, the incident post), and
+their post-incident reviews, opened for the whole batch at once
+(`Service.on_grant_end`: one insert, a `review_opened` row each, the timeline
+posts rendered when they are sent). Of two processes reconciling at once,
+each grant is matched by exactly one `UPDATE`, so it is revoked, audited,
+reviewed and announced once. Between batches the pass waits for the
+foreground (`Foreground.wait`), so Slack's requests are answered first; while
+it runs the outbox holds its sends (`foreground.Passes`, at most
+`MAX_HOLD`), so the pass that stops the tokens is not slowed by the messages
+about it. More than `FEW` grants ended for one reason in one batch are
+announced in one incident post that lists them, instead of one post each.
 """
 
 from __future__ import annotations
@@ -30,18 +37,19 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import outbox
-from .core.domain import State
+from .core.domain import Request, State
 from .core.grants import outlived
 from .outbox import Rendered
 from .slack import blocks
 from .store import closures
 from .store import requests as store
-from .store.schema import requests
+from .store.schema import decisions, requests
 
 if TYPE_CHECKING:
     from .service import Service
 
-BATCH = 200
+BATCH = 50
+SCAN = 1000  # live grants read at a time to decide which the new policy outlives
 FEW = 3
 YieldTo = Callable[[], Awaitable[None]] | None
 
@@ -61,21 +69,30 @@ def _aware(value: datetime | None) -> datetime | None:
 async def reconcile_policy(service: Service, yield_to: YieldTo = None) -> Reconciled:
     policy = service.policy  # one policy for the whole pass, even if another reload comes
     now = service.clock.now()
+    revoke: dict[str, str] = {}
+    after = ""
+    while True:  # the live grants a page at a time, so no read holds the loop for long
+        if after and yield_to is not None:
+            await yield_to()
+        async with service.db.read() as conn:
+            live = (await conn.execute(
+                select(requests.c.id, requests.c.scope, requests.c.grant,
+                       requests.c.token_expires_at, requests.c.drill)
+                .where(and_(store.live_tokens(), requests.c.id > after))
+                .order_by(requests.c.id).limit(SCAN))).all()
+        for row in live:
+            grant = json.loads(row.grant) if row.grant else {}
+            why = outlived(policy, row.scope, grant, _aware(row.token_expires_at), now,
+                           drill=bool(row.drill))
+            if why is not None:
+                revoke[row.id] = why
+        if len(live) < SCAN:
+            break
+        after = live[-1].id
     async with service.db.read() as conn:
-        live = (await conn.execute(
-            select(requests.c.id, requests.c.scope, requests.c.grant, requests.c.token_expires_at,
-                   requests.c.drill)
-            .where(store.live_tokens()))).all()
         pending = (await conn.execute(
             select(requests.c.id, requests.c.scope)
             .where(requests.c.state == State.PENDING.value))).all()
-    revoke: dict[str, str] = {}
-    for row in live:
-        grant = json.loads(row.grant) if row.grant else {}
-        why = outlived(policy, row.scope, grant, _aware(row.token_expires_at), now,
-                       drill=bool(row.drill))
-        if why is not None:
-            revoke[row.id] = why
     cancel = {row.id: f"scope {row.scope} was removed from the policy"
               for row in pending if policy.scope_named(row.scope) is None}
     revoked = await revoke_many(service, revoke, actor="policy", yield_to=yield_to)
@@ -85,14 +102,24 @@ async def reconcile_policy(service: Service, yield_to: YieldTo = None) -> Reconc
 
 async def _close(conn: AsyncConnection, ids: list[str], src: list[State], dst: State,
                  **values: Any) -> list[Any]:
-    """Move those of `ids` still in `src` to `dst`; the rows this statement moved."""
+    """Move those of `ids` still in `src` to `dst`; the rows this statement moved, as
+    they are now (every column: `_moved` makes them requests without reading again)."""
     result = await conn.execute(
         update(requests)
         .where(and_(requests.c.id.in_(ids), requests.c.state.in_([s.value for s in src])))
         .values(state=dst.value, version=requests.c.version + 1, **values)
-        .returning(requests.c.id, requests.c.scope, requests.c.requester, requests.c.incident,
-                   requests.c.drill))
+        .returning(*requests.c))
     return list(result)
+
+
+async def _moved(conn: AsyncConnection, moved: list[Any]) -> list[Request]:
+    """The requests `_close` moved, with their decisions (one read for the batch)."""
+    decided: dict[str, list[tuple[str, str]]] = {r.id: [] for r in moved}
+    for rid, user, decision in (await conn.execute(
+            select(decisions.c.request_id, decisions.c.user_id, decisions.c.decision)
+            .where(decisions.c.request_id.in_(list(decided))).order_by(decisions.c.at))).all():
+        decided[rid].append((user, decision))
+    return [store.to_request(r, decided[r.id]) for r in moved]
 
 
 async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: str,
@@ -104,6 +131,14 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
     audit row, and two outbox edits rendered when they are sent (`render`): the
     holder's DM (the token text removed, the reason given) and the approval card."""
     ids = list(reasons)
+    if not ids:
+        return 0
+    with service.passes.running_pass():  # the outbox holds its sends meanwhile
+        return await _revoke_batches(service, ids, reasons, actor, yield_to)
+
+
+async def _revoke_batches(service: Service, ids: list[str], reasons: Mapping[str, str],
+                          actor: str, yield_to: YieldTo) -> int:
     done = 0
     for start in range(0, len(ids), BATCH):
         if yield_to is not None:
@@ -118,9 +153,8 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
             await closures.record_many(w.conn, [r.id for r in moved], now)
             by_reason: dict[str, list[Any]] = defaultdict(list)
             channel = service.reviewer_channel
-            moved_ids = [r.id for r in moved]
-            for req in await store.load_many(w.conn, requests.c.id.in_(moved_ids),
-                                             limit=len(moved_ids)):
+            ended = await _moved(w.conn, moved)
+            for req in ended:
                 why = reasons[req.id]
                 service._audit(w, actor, "revoked", {"scope": req.scope, "why": why, "via": actor},
                                req.id, drill=req.drill)
@@ -128,9 +162,9 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
                                                 "dm_closed", request_id=req.id, why=why))
                 w.rows.append(outbox.render_row(now, f"card:{req.id}", channel, "card",
                                                 request_id=req.id))
-                for hook in service.on_grant_end:  # the review thread (contract §7.1)
-                    await hook(w, req)
                 by_reason[why].append(req)
+            for hook in service.on_grant_end:  # the review threads (contract §7.1), together
+                await hook(w, ended)
             for why, group in by_reason.items():
                 if len(group) <= FEW:
                     for req in group:
@@ -144,7 +178,11 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
 
 
 async def render(service: Service, payload: Mapping[str, Any]) -> Rendered | None:
-    """The text of an edit `revoke_many` queued unrendered, as the request stands now."""
+    """The text of an edit `revoke_many` queued unrendered, as the request stands now
+    (or of a row another module queued unrendered: `Service.renderers`)."""
+    other = service.renderers.get(str(payload.get("render")))
+    if other is not None:
+        return await other(dict(payload))
     async with service.db.read() as conn:
         req = await store.load(conn, str(payload.get("request_id")))
     if req is None:
@@ -170,9 +208,7 @@ async def cancel_many(service: Service, reasons: Mapping[str, str], *, actor: st
         async with service._write() as w:
             moved = await _close(w.conn, ids[start:start + BATCH], [State.PENDING],
                                  State.CANCELLED, closed_at=now, closed_by=actor)
-            moved_ids = [r.id for r in moved]
-            for req in await store.load_many(w.conn, requests.c.id.in_(moved_ids),
-                                             limit=len(moved_ids)):
+            for req in await _moved(w.conn, moved) if moved else []:
                 why = reasons[req.id]
                 service._audit(w, actor, "cancelled",
                                {"scope": req.scope, "why": why, "via": actor}, req.id,

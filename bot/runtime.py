@@ -163,6 +163,7 @@ class Runtime:
                                self.clock, self.audit_key, wake_outbox=lambda: self.dispatcher.wake())
         self.dispatcher = Dispatcher(self.db, self.client, self.clock, self.service.materialise_dm,
                                      yield_to=self.foreground.wait,
+                                     hold=self.service.passes.hold,
                                      senders={WEBHOOK_KIND: self.webhooks.sender(self.http)})
         self.introspector = Introspector(self.service, self.keyring, self.live, self.clock)
         self.membership = MembershipRecheck(self.service, self.directory, self.foreground.wait)

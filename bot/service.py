@@ -25,6 +25,7 @@ from .core.errors import Refusal
 from .core.grants import ceiling
 from .core.policy import Policy, Scope
 from .directory import Directory
+from .foreground import Passes
 from .governance import alerts, drills, escalation, expiry, refusals
 from .keys import KeyRing
 from .live_policy import LivePolicy
@@ -110,7 +111,11 @@ class Draft:
     overdue_reviews: int = 0  # the requester's overdue post-incident reviews (the card warns)
 
 
-GrantEnded = Callable[["_Writes", Request], Awaitable[None]]
+# Called with every grant one transaction ended (one for an expiry or a revocation, up to
+# a batch for a policy reload: `reconcile.revoke_many`), in that transaction.
+GrantsEnded = Callable[["_Writes", Sequence[Request]], Awaitable[None]]
+# Makes the text of an outbox row queued unrendered (payload `render`), at send time.
+Renderer = Callable[[dict[str, Any]], Awaitable[Rendered | None]]
 
 
 class Service:
@@ -136,9 +141,13 @@ class Service:
         self._rate_alerts: dict[str, datetime] = {}
         self.refusal_summaries = refusals.Summariser(db, audit_key)
         self._scopes: dict[str, str] = {}
-        # Called in the transaction that ends a grant (expiry, any revocation), after its
+        # Called in the transaction that ends grants (expiry, any revocation), after their
         # state change: e.g. the post-incident review (bot/governance/reviews.py).
-        self.on_grant_end: list[GrantEnded] = []
+        self.on_grant_end: list[GrantsEnded] = []
+        # payload["render"] -> what makes that row's text when the outbox sends it, for
+        # rows the modules beside this one queue unrendered (e.g. "review").
+        self.renderers: dict[str, Renderer] = {}
+        self.passes = Passes()  # revocation passes running (the outbox holds meanwhile)
 
     # -- helpers -----------------------------------------------------------
 
@@ -753,7 +762,7 @@ class Service:
         w.rows.append(outbox.update_row(self.clock.now(), dm_key(req.id),
                                         dm_lane(req.requester), text, dm_blocks))
         for hook in self.on_grant_end:
-            await hook(w, req)
+            await hook(w, [req])
 
     async def sweep(self) -> int:
         """Expire what is due and send reminders. Safe to run from any number of processes."""

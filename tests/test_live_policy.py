@@ -33,12 +33,13 @@ from helpers import timed
 from sqlalchemy import func, select
 from test_flow import JWT_RE, approve, click, content, dm, incident, request, reveal, row
 
+from bot import reconcile
 from bot.core.clock import ManualClock, OffsetClock
 from bot.core.kdf import new_master_key
 from bot.keys import KeyRing
 from bot.runtime import Runtime
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, Sandbox
-from bot.store.schema import audit_log, reviews
+from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, REVIEWS, Sandbox
+from bot.store.schema import audit_log, reviews, token_closures
 
 SCOPE_BLOCK_START = "[scopes.payments-write]"
 
@@ -153,6 +154,56 @@ async def test_narrowed_grants_are_revoked_with_their_reason(sandbox: Sandbox) -
     result = await box.bot.reload_policy(text2.replace("Write access", "Write access (v2)"))
     assert (result.outcome, result.revoked) == ("reloaded", 0)
     assert (await row(box, kept)).state == "revealed"
+
+
+async def test_a_reload_revoking_several_batches_opens_every_review_with_its_timeline(
+        make_box: Any, monkeypatch: Any) -> None:
+    """A reload's revocation pass works a batch at a time (`reconcile.BATCH`, 2 here),
+    and opens the reviews of a batch together, their timeline posts rendered when the
+    outbox sends them: every grant still gets its own thread under its card with its
+    own timeline (who approved, revealed or not, its uses), one `revoked` and one
+    `review_opened` audit row, its token closure, its DM edited and its announcement."""
+    box = await make_box(rate_limit=20)
+    monkeypatch.setattr(reconcile, "BATCH", 2)
+    used, used_token = await live_grant(box)
+    assert (await introspect(box, used_token))["active"] is True  # one use
+    revealed = [(await live_grant(box))[0] for _ in range(2)]
+    _, issued = await request(box)
+    await approve(box, issued, BOB, CAROL)  # issued, never revealed
+    await box.bot.introspector.flush()
+    _, pending = await request(box)  # stays: its scope is still there
+    grants = [used, *revealed, issued]
+
+    result = await box.bot.reload_policy(box.policy_text.replace(
+        'permissions = ["payments:read", "payments:write"]', 'permissions = ["payments:read"]'))
+    await box.settle()
+
+    assert (result.outcome, result.revoked, result.cancelled) == ("reloaded", 4, 0)
+    assert box.bot.service.passes.running == 0  # the outbox is not held any more
+    assert (await row(box, pending)).state == "pending"
+    async with box.bot.db.read() as conn:
+        closed = set((await conn.execute(select(token_closures.c.token_hash))).scalars())
+        opened = set((await conn.execute(select(reviews.c.request_id))).scalars())
+    assert opened == set(grants)
+    # every revealed token's closure is recorded (every process's introspection hears of it)
+    assert {(await row(box, rid)).token_hash for rid in grants if rid != issued} <= closed
+    for rid in grants:
+        assert (await row(box, rid)).state == "revoked"
+        assert len(await audited(box, "revoked", rid)) == 1
+        assert len(await audited(box, "review_opened", rid)) == 1
+        card = box.card(rid)
+        thread = [m for m in box.emulator.messages(REVIEWS) if m.thread_ts == card.ts]
+        assert len(thread) == 1, [m.text for m in thread]
+        shown = content(thread[0])
+        assert rid in shown and "revoked by a policy change" in shown
+        assert f"<@{BOB}>" in shown and f"<@{CAROL}>" in shown and "Review" in shown
+        assert (":eyes: revealed" in shown) == (rid != issued)
+        assert ("1 use(s) in all" in shown) == (rid == used)
+        assert ("_never used_" in shown) == (rid != used)
+        assert not any(JWT_RE.search(v.text) for v in dm(box, rid).history)
+        assert "revoked by a policy change" in content(dm(box, rid))
+        posts = incident(box, "revoked", rid)
+        assert len(posts) == 1 and "narrowed" in posts[0]
 
 
 async def test_invalid_policy_is_refused_and_the_running_one_stays(sandbox: Sandbox) -> None:

@@ -1,9 +1,11 @@
 """Post-incident reviews (contract section 7.1): the use cases.
 
 * When a grant ends (expiry, or a revocation from Slack, a relying service, a
-  policy change or an operator), `grant_ended` runs in that transaction: a row in
-  `reviews` (due `[reviews] due_after` after the end) and the grant's timeline with
-  a `Review` button, posted in the thread under its approval card.
+  policy change or an operator), `grants_ended` runs in that transaction: a row in
+  `reviews` (due `[reviews] due_after` after the end), a `review_opened` audit row,
+  and the grant's timeline with a `Review` button, posted in the thread under its
+  approval card (rendered when the outbox sends it: a reload may end thousands of
+  grants in one pass, and their reviews are opened a batch at a time).
 * `sign_off` (the modal, or `/breakglass review ID SUMMARY…`): a member of the
   reviewer groups other than the requester, with a summary. The timeline message
   is edited to show the review; `reviewed` is audited and posted to the incident
@@ -17,8 +19,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from .. import audit, outbox
 from ..core import reviews as rules
@@ -26,6 +30,7 @@ from ..core.domain import Request
 from ..core.errors import Refusal
 from ..core.policy import ReviewSettings
 from ..core.reviews import ReviewState
+from ..outbox import Rendered
 from ..service import Service, _Writes, card_key
 from ..slack import review_blocks
 from ..store import requests as requests_store
@@ -37,6 +42,9 @@ log = logging.getLogger(__name__)
 SECRET_IN_SUMMARY = "secret_in_summary"
 
 
+RENDER = "review"  # payload["render"] of the timeline posts queued unrendered
+
+
 def review_key(request_id: str) -> str:
     """The timeline message in the card's thread (edited when the review is signed off)."""
     return f"review:{request_id}"
@@ -45,7 +53,8 @@ def review_key(request_id: str) -> str:
 class Reviews:
     def __init__(self, service: Service) -> None:
         self.service = service
-        service.on_grant_end.append(self.grant_ended)
+        service.on_grant_end.append(self.grants_ended)
+        service.renderers[RENDER] = self.render_opened
 
     @property
     def settings(self) -> ReviewSettings:
@@ -60,21 +69,41 @@ class Reviews:
 
     # -- a grant ends -------------------------------------------------------------
 
-    async def grant_ended(self, w: _Writes, req: Request) -> None:
-        if not rules.needs_review(req):
+    async def grants_ended(self, w: _Writes, reqs: Sequence[Request]) -> None:
+        """In the transaction that ended `reqs` (one, or a reload's batch): their reviews
+        (one insert), a `review_opened` audit row each, and each timeline's post in the
+        thread under its card. The post is queued unrendered and made when it is sent
+        (`render_opened`): the timeline is read then, so a batch of grants costs one
+        insert here, not a timeline read and a rendering per grant. What it shows is
+        what it would have shown now: a grant's timeline does not change once it ended
+        (an ended token has no more uses), only its review's sign-off may come in."""
+        ended = [req for req in reqs if rules.needs_review(req)]
+        if not ended:
             return
         now = self.service.clock.now()
-        ended = req.closed_at or now
-        review = ReviewState(req.id, req.requester, req.scope, ended,
-                             rules.due_at(ended, self.settings.due_after))
-        await store.insert_review(w.conn, review)
-        tl = await store.timeline(w.conn, req)
-        text, blocks = review_blocks.timeline(tl, review, self.reviewer_label(req.scope))
+        due_after = self.settings.due_after
+        opened = [ReviewState(req.id, req.requester, req.scope, req.closed_at or now,
+                              rules.due_at(req.closed_at or now, due_after)) for req in ended]
+        await store.insert_reviews(w.conn, opened)
         channel = self.service.reviewer_channel
-        w.rows.append(outbox.post_row(now, channel, text, blocks, key=review_key(req.id),
-                                      thread_key=card_key(req.id)))
-        self.service.record(w, "breakglass", "review_opened",
-                            {"scope": req.scope, "due_at": review.due_at.isoformat()}, req.id)
+        for review in opened:
+            w.rows.append(outbox.render_post_row(now, channel, review_key(review.request_id),
+                                                 RENDER, thread_key=card_key(review.request_id),
+                                                 request_id=review.request_id))
+            self.service.record(w, "breakglass", "review_opened",
+                                {"scope": review.scope, "due_at": review.due_at.isoformat()},
+                                review.request_id)
+
+    async def render_opened(self, payload: dict[str, Any]) -> Rendered | None:
+        """The timeline post `grants_ended` queued, as it stands when it is sent."""
+        async with self.service.db.read() as conn:
+            req = await requests_store.load(conn, str(payload.get("request_id")))
+            review = await store.load_review(conn, req.id) if req is not None else None
+            if req is None or review is None:
+                return None
+            tl = await store.timeline(conn, req)
+        text, blocks = review_blocks.timeline(tl, review, self.reviewer_label(req.scope))
+        return Rendered(text, blocks)
 
     # -- sign-off -------------------------------------------------------------------
 

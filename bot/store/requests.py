@@ -22,7 +22,8 @@ def _aware(value: datetime | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _to_request(row: Any, decided: list[tuple[str, str]]) -> Request:
+def to_request(row: Any, decided: list[tuple[str, str]]) -> Request:
+    """A `requests` row (every column) and its decisions (user, decision), in order."""
     approvals = tuple(sorted(u for u, d in decided if d == "approve"))
     denied = next((u for u, d in decided if d == "deny"), None)
     return Request(
@@ -69,7 +70,7 @@ async def load(conn: AsyncConnection, request_id: str, *, lock: bool = False) ->
         decided = (await conn.execute(
             select(decisions.c.user_id, decisions.c.decision)
             .where(decisions.c.request_id == request_id).order_by(decisions.c.at))).all()
-        return _to_request(row, [(u, d) for u, d in decided])
+        return to_request(row, [(u, d) for u, d in decided])
     stmt = (
         select(requests, decisions.c.user_id.label("d_user"), decisions.c.decision.label("d_decision"))
         .select_from(requests.outerjoin(decisions, decisions.c.request_id == requests.c.id))
@@ -80,7 +81,7 @@ async def load(conn: AsyncConnection, request_id: str, *, lock: bool = False) ->
     if not rows:
         return None
     decided = [(r.d_user, r.d_decision) for r in rows if r.d_user is not None]
-    return _to_request(rows[0], decided)
+    return to_request(rows[0], decided)
 
 
 async def load_many(conn: AsyncConnection, where: Any, limit: int = 200) -> list[Request]:
@@ -98,7 +99,7 @@ async def load_many(conn: AsyncConnection, where: Any, limit: int = 200) -> list
         )
     ).all():
         decided[rid].append((user, decision))
-    return [_to_request(r, decided[r.id]) for r in rows]
+    return [to_request(r, decided[r.id]) for r in rows]
 
 
 async def insert_request(conn: AsyncConnection, req: Request) -> None:

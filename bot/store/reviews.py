@@ -23,10 +23,13 @@ def _to_review(row: Any) -> ReviewState:
         reminded_at=_aware(row.reminded_at), alerted_at=_aware(row.alerted_at))
 
 
-async def insert_review(conn: AsyncConnection, review: ReviewState) -> None:
-    await conn.execute(insert(reviews).values(
-        request_id=review.request_id, requester=review.requester, scope=review.scope,
-        ended_at=review.ended_at, due_at=review.due_at))
+async def insert_reviews(conn: AsyncConnection, opened: list[ReviewState]) -> None:
+    """Several reviews in one statement (the grants a reload's batch ended)."""
+    if not opened:
+        return
+    rows = [{"request_id": r.request_id, "requester": r.requester, "scope": r.scope,
+             "ended_at": r.ended_at, "due_at": r.due_at} for r in opened]
+    await conn.execute(insert(reviews), rows if len(rows) > 1 else rows[0])
 
 
 async def load_review(conn: AsyncConnection, request_id: str) -> ReviewState | None:
@@ -155,6 +158,6 @@ async def use_counts(conn: AsyncConnection, request_ids: list[str]) -> dict[str,
     return {r[0]: int(r[1] or 0) for r in rows}
 
 
-__all__ = ["find_grant", "grants_of", "insert_review", "listed", "live_grants", "load_review",
-           "mark_alerted", "mark_reminded", "needing_action", "overdue_for", "requester_load",
+__all__ = ["find_grant", "grants_of", "insert_reviews", "listed", "live_grants",
+           "load_review", "mark_alerted", "mark_reminded", "needing_action", "overdue_for", "requester_load",
            "sign_off", "timeline", "use_counts"]
