@@ -79,7 +79,7 @@ from . import metrics
 from .core.clock import Clock
 from .store.db import Database
 from .store.schema import outbox, slack_messages
-from .store.sqlite_driver import LockedError
+from .store.sqlite_driver import LockedError, stored_datetime
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ async def enqueue_many(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) ->
         # would otherwise pay for.
         await conn.exec_driver_sql(_INSERT_SQLITE, [
             (r["lane"], r["kind"], r["payload"], r["status"], r["attempts"],
-             _sqlite_time(r["next_attempt_at"]), _sqlite_time(r["created_at"])) for r in rows])
+             stored_datetime(r["next_attempt_at"]), stored_datetime(r["created_at"])) for r in rows])
         return
     await conn.execute(insert(outbox), list(rows) if len(rows) > 1 else rows[0])
 
@@ -180,11 +180,6 @@ _ROW_KEYS = {"lane": 0, "kind": 0, "payload": 0, "status": 0, "attempts": 0,
              "next_attempt_at": 0, "created_at": 0}.keys()
 _INSERT_SQLITE = ("INSERT INTO outbox (lane, kind, payload, status, attempts, next_attempt_at, "
                   "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
-
-
-def _sqlite_time(value: datetime) -> str:
-    """SQLAlchemy's SQLite storage format for a DateTime (its value as given)."""
-    return value.isoformat(" ", "microseconds")[:26]  # strftime is several times slower
 
 
 async def enqueue(

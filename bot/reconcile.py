@@ -16,8 +16,10 @@ their post-incident reviews, opened for the whole batch at once
 (`Service.on_grant_end`: one insert, a `review_opened` row each, the timeline
 posts rendered when they are sent). Of two processes reconciling at once,
 each grant is matched by exactly one `UPDATE`, so it is revoked, audited,
-reviewed and announced once. Between batches the pass waits for the
-foreground (`Foreground.wait`), so Slack's requests are answered first; while
+reviewed and announced once. Two batches are in flight (`LANES`): while one
+waits for its commit's fsync, the next one's transaction runs. Between
+batches the pass waits for the foreground (`Foreground.wait`), so Slack's
+requests are answered first; while
 it runs the outbox holds its sends (`foreground.Passes`, at most
 `MAX_HOLD`), so the pass that stops the tokens is not slowed by the messages
 about it. More than `FEW` grants ended for one reason in one batch are
@@ -26,6 +28,7 @@ announced in one incident post that lists them, instead of one post each.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     from .service import Service
 
 BATCH = 50
+LANES = 2  # batches in flight: one's fsync overlaps the next one's transaction
 SCAN = 1000  # live grants read at a time to decide which the new policy outlives
 FEW = 3
 YieldTo = Callable[[], Awaitable[None]] | None
@@ -139,42 +143,57 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
 
 async def _revoke_batches(service: Service, ids: list[str], reasons: Mapping[str, str],
                           actor: str, yield_to: YieldTo) -> int:
-    done = 0
-    for start in range(0, len(ids), BATCH):
-        if yield_to is not None:
-            await yield_to()
-        now = service.clock.now()
-        async with service._write() as w:
-            moved = await _close(w.conn, ids[start:start + BATCH], [State.ISSUED, State.REVEALED],
-                                 State.REVOKED, closed_at=now, closed_by=actor)
-            if not moved:
-                continue
-            # Every process's introspection cache hears of it (store/closures.py).
-            await closures.record_many(w.conn, [r.id for r in moved], now)
-            by_reason: dict[str, list[Any]] = defaultdict(list)
-            channel = service.reviewer_channel
-            ended = await _moved(w.conn, moved)
-            for req in ended:
-                why = reasons[req.id]
-                service._audit(w, actor, "revoked", {"scope": req.scope, "why": why, "via": actor},
-                               req.id, drill=req.drill)
-                w.rows.append(outbox.render_row(now, f"dm:{req.id}", f"dm:{req.requester}",
-                                                "dm_closed", request_id=req.id, why=why))
-                w.rows.append(outbox.render_row(now, f"card:{req.id}", channel, "card",
-                                                request_id=req.id))
-                by_reason[why].append(req)
-            for hook in service.on_grant_end:  # the review threads (contract §7.1), together
-                await hook(w, ended)
-            for why, group in by_reason.items():
-                if len(group) <= FEW:
-                    for req in group:
-                        service._incident(
-                            w, blocks.incident_revoked(req) + f" ({blocks.escape(why)})")
-                else:
-                    service._incident(w, blocks.incident_bulk_revoked(group, actor, why))
-        done += len(moved)
-        service.wake_outbox()
-    return done
+    """The batches, by `LANES` tasks taking the next one in turn: while one waits for
+    its commit's fsync (on a thread: `WalSync`), another's transaction runs. Each
+    still returns only once its own commit is durable."""
+    batches = iter([ids[start:start + BATCH] for start in range(0, len(ids), BATCH)])
+
+    async def lane() -> int:
+        done = 0
+        for batch in batches:  # shared: each batch is taken by one lane
+            if yield_to is not None:
+                await yield_to()
+            done += await _revoke_batch(service, batch, reasons, actor)
+            service.wake_outbox()
+        return done
+
+    async with asyncio.TaskGroup() as group:
+        lanes = [group.create_task(lane()) for _ in range(LANES)]
+    return sum(t.result() for t in lanes)
+
+
+async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str, str],
+                        actor: str) -> int:
+    now = service.clock.now()
+    async with service._write() as w:
+        moved = await _close(w.conn, batch, [State.ISSUED, State.REVEALED],
+                             State.REVOKED, closed_at=now, closed_by=actor)
+        if not moved:
+            return 0
+        # Every process's introspection cache hears of it (store/closures.py).
+        await closures.record_many(w.conn, [r.id for r in moved], now)
+        by_reason: dict[str, list[Any]] = defaultdict(list)
+        channel = service.reviewer_channel
+        ended = await _moved(w.conn, moved)
+        for req in ended:
+            why = reasons[req.id]
+            service._audit(w, actor, "revoked", {"scope": req.scope, "why": why, "via": actor},
+                           req.id, drill=req.drill)
+            w.rows.append(outbox.render_row(now, f"dm:{req.id}", f"dm:{req.requester}",
+                                            "dm_closed", request_id=req.id, why=why))
+            w.rows.append(outbox.render_row(now, f"card:{req.id}", channel, "card",
+                                            request_id=req.id))
+            by_reason[why].append(req)
+        for hook in service.on_grant_end:  # the review threads (contract §7.1), together
+            await hook(w, ended)
+        for why, group in by_reason.items():
+            if len(group) <= FEW:
+                for req in group:
+                    service._incident(
+                        w, blocks.incident_revoked(req) + f" ({blocks.escape(why)})")
+            else:
+                service._incident(w, blocks.incident_bulk_revoked(group, actor, why))
+    return len(moved)
 
 
 async def render(service: Service, payload: Mapping[str, Any]) -> Rendered | None:

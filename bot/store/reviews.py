@@ -12,6 +12,7 @@ from ..core.domain import Request, State
 from ..core.reviews import ReviewState, Timeline
 from .requests import _aware, find_grant_id, load
 from .schema import decisions, requests, reviews, token_uses
+from .sqlite_driver import stored_datetime
 
 
 def _to_review(row: Any) -> ReviewState:
@@ -26,6 +27,13 @@ def _to_review(row: Any) -> ReviewState:
 async def insert_reviews(conn: AsyncConnection, opened: list[ReviewState]) -> None:
     """Several reviews in one statement (the grants a reload's batch ended)."""
     if not opened:
+        return
+    if conn.dialect.name == "sqlite" and len(opened) > 1:  # straight to the driver
+        await conn.exec_driver_sql(
+            "INSERT INTO reviews (request_id, requester, scope, ended_at, due_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(r.request_id, r.requester, r.scope, stored_datetime(r.ended_at),
+              stored_datetime(r.due_at)) for r in opened])
         return
     rows = [{"request_id": r.request_id, "requester": r.requester, "scope": r.scope,
              "ended_at": r.ended_at, "due_at": r.due_at} for r in opened]
