@@ -43,6 +43,7 @@ from _common import (  # noqa: E402
 from slack_load import bare_server  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
+from bot.reconcile import BATCH  # noqa: E402
 from bot.store.db import Database  # noqa: E402
 from bot.store.schema import requests  # noqa: E402
 
@@ -145,7 +146,8 @@ async def run(n: int) -> list[str]:
                     f"/ bare: {pct(during, 99) / pct(base, 99):.2f}x; target p99 <= 50 ms: "
                     f"{'met' if pct(during, 99) <= 50 else 'MISSED'}",
                     f"incident posts so far: {len(posts)} "
-                    f"(revocations announced in posts of up to 200 grants each)",
+                    f"(revocations announced in posts of up to {BATCH} grants each; the "
+                    f"outbox holds its sends while the pass runs)",
                 ])
         finally:
             await runner.cleanup()

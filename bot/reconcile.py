@@ -157,9 +157,12 @@ async def _revoke_batches(service: Service, ids: list[str], reasons: Mapping[str
             service.wake_outbox()
         return done
 
-    async with asyncio.TaskGroup() as group:
-        lanes = [group.create_task(lane()) for _ in range(LANES)]
-    return sum(t.result() for t in lanes)
+    lanes = [asyncio.ensure_future(lane()) for _ in range(LANES)]
+    try:
+        return sum(await asyncio.gather(*lanes))  # a failure is raised as it is
+    finally:
+        for task in lanes:  # after a failure: the other lane stops at its next wait
+            task.cancel()
 
 
 async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str, str],
