@@ -3,6 +3,7 @@ percentiles, a policy sized for load, and writing results into docs/performance.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import multiprocessing as mp
@@ -485,3 +486,15 @@ class BotProcess:
         await self.database.drop()
         await self.emulator.stop()
         await self.probes.stop()
+
+
+def configurations(args: argparse.Namespace) -> list[tuple[str | None, int]]:
+    """(PostgreSQL admin URL or None for SQLite, replicas) for each run: the one asked
+    for, after, with --compare, the baselines measured in the same run."""
+    asked = (args.postgres, args.replicas)
+    runs: list[tuple[str | None, int]] = []
+    if args.compare:
+        runs.append((None, 1))
+        if args.replicas > 1:
+            runs.append((args.postgres, 1))
+    return [r for i, r in enumerate(runs) if r not in runs[:i] and r != asked] + [asked]

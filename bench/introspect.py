@@ -392,18 +392,6 @@ async def _poll(fetch: Any, what: str, timeout: float = 30.0) -> Any:
     raise TimeoutError(f"{what} never came")
 
 
-def configurations(args: argparse.Namespace) -> list[tuple[str | None, int]]:
-    """(PostgreSQL admin URL or None for SQLite, replicas): the one asked for, after,
-    with --compare, SQLite with one replica and the asked backend with one replica."""
-    asked = (args.postgres, args.replicas)
-    runs: list[tuple[str | None, int]] = []
-    if args.compare:
-        runs.append((None, 1))
-        if args.replicas > 1:
-            runs.append((args.postgres, 1))
-    return [r for i, r in enumerate(runs) if r not in runs[:i] and r != asked] + [asked]
-
-
 def _name(postgres: str | None, replicas: int) -> str:
     return ("PostgreSQL" if postgres else "SQLite") + (f" x{replicas}" if replicas > 1 else "")
 
@@ -422,6 +410,8 @@ async def main_processes(args: argparse.Namespace) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
         out.write(line + "\n")
+
+    from bench._common import configurations
 
     runs = configurations(args)
     names = [_name(*r) for r in runs]

@@ -43,6 +43,7 @@ from _common import (  # noqa: E402
     WebhookSink,
     click_fields,
     command_fields,
+    configurations,
     fire_in_process,
     load_policy,
     pct,
@@ -286,18 +287,6 @@ async def webhook_figures(bot: BotProcess, sink: WebhookSink, started: float, el
         f"start ({late - elapsed:+.1f}s after the last reveal)",
         f"target every webhook event delivered once: "
         f"{'met' if min(sink.delivered()) == want and not sink.bad_signatures else 'MISSED'}"])
-
-
-def configurations(args: argparse.Namespace) -> list[tuple[str | None, int]]:
-    """(PostgreSQL admin URL or None for SQLite, replicas) for each run: the one asked
-    for, after, with --compare, the baselines measured in the same run."""
-    asked = (args.postgres, args.replicas)
-    runs: list[tuple[str | None, int]] = []
-    if args.compare:
-        runs.append((None, 1))
-        if args.replicas > 1:
-            runs.append((args.postgres, 1))
-    return [r for i, r in enumerate(runs) if r not in runs[:i] and r != asked] + [asked]
 
 
 def label(postgres: str | None, replicas: int) -> str:

@@ -16,6 +16,7 @@ import aiohttp
 from sqlalchemy import text
 
 from bot.emulator import SentRequest, SlackEmulator
+from bot.sandbox import Sandbox
 from bot.store.db import Database
 
 ACK_LIMIT = 3.0  # Slack's limit for answering a command or a click
@@ -28,6 +29,13 @@ async def timed(call: Awaitable[SentRequest]) -> SentRequest:
     elapsed = time.perf_counter() - started
     assert resp.status == 200, resp.body
     assert elapsed < ACK_LIMIT, f"answered after {elapsed:.2f}s"
+    return resp
+
+
+async def command(box: Sandbox, user: str, text: str) -> SentRequest:
+    """A slash command, answered within Slack's limit, and the work it started done."""
+    resp = await timed(box.slack.command(user, text))
+    await box.settle()
     return resp
 
 

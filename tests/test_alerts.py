@@ -18,13 +18,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import timed
+from helpers import command, timed
 from webhook_receiver import Receiver
 
 from bot import audit
 from bot.core.alerts import ALERT_PREFIX, QuietHours, judge_refusal, parse_quiet_hours
 from bot.core.clock import OffsetClock
-from bot.emulator import SentRequest
 from bot.governance import alerts
 from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, Sandbox
 
@@ -61,12 +60,6 @@ async def make_box(tmp_path: Path, receiver: Receiver, new_database: Callable[..
     yield make
     for box in boxes:
         await box.stop()
-
-
-async def command(box: Sandbox, user: str, text: str) -> SentRequest:
-    resp = await timed(box.slack.command(user, text))
-    await box.settle()
-    return resp
 
 
 def alert_posts(box: Sandbox) -> list[str]:

@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
-from helpers import timed
+from helpers import command, timed
 from sqlalchemy import func, select
 
 from bot.core.clock import OffsetClock
@@ -65,12 +65,6 @@ def seen(box: Sandbox, resp: SentRequest) -> str:
     ack = str((resp.json or {}).get("text", ""))
     return "\n".join([ack, *(str(r.body.get("text", "")) for r in box.emulator.responses
                               if r.url == resp.response_url)])
-
-
-async def command(box: Sandbox, user: str, text: str) -> SentRequest:
-    resp = await timed(box.slack.command(user, text))
-    await box.settle()
-    return resp
 
 
 async def click(box: Sandbox, user: str, action: str, rid: str, on: Message) -> SentRequest:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from helpers import timed
+from helpers import command, timed
 from sqlalchemy import select
 
 from bot.core.clock import OffsetClock
@@ -35,12 +35,6 @@ MakeBox = Callable[..., Awaitable[Sandbox]]
 
 
 
-
-
-async def command(box: Sandbox, user: str, text: str) -> SentRequest:
-    resp = await timed(box.slack.command(user, text))
-    await box.settle()
-    return resp
 
 
 def replies(box: Sandbox, resp: SentRequest) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import jwt
 import pytest
-from helpers import timed
+from helpers import command, timed
 from sqlalchemy import func, select
 
 from bot.cli import ENV_HELP, SERVE_ENV, build_parser
@@ -32,12 +32,6 @@ from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox, sandbox_p
 from bot.store.schema import audit_log, requests
 
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
-
-
-async def command(box: Sandbox, user: str, text: str) -> SentRequest:
-    resp = await timed(box.slack.command(user, text))
-    await box.settle()
-    return resp
 
 
 def seen(box: Sandbox, resp: SentRequest) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import timed
+from helpers import command, timed
 from sqlalchemy import select
 
 from bot.core.clock import OffsetClock
@@ -44,12 +44,6 @@ def content(m: Message) -> str:
 def buttons(m: Message) -> dict[str, str]:
     return {e["action_id"]: e["text"]["text"] for b in m.blocks if b.get("type") == "actions"
             for e in b["elements"] if e.get("type") == "button"}
-
-
-async def command(box: Sandbox, user: str, text: str) -> SentRequest:
-    resp = await timed(box.slack.command(user, text))
-    await box.settle()
-    return resp
 
 
 def seen(box: Sandbox, resp: SentRequest) -> str:

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import timed
+from helpers import command, timed
 from sqlalchemy import select
 from webhook_receiver import Receiver
 
 from bot import audit
 from bot.core.policy import PolicyError, parse_policy
 from bot.delivery.webhooks import WebhookConfigError, lane_of
-from bot.emulator import SentRequest
 from bot.sandbox import ALICE, BOB, CAROL, Sandbox, sandbox_policy
 from bot.store.schema import audit_log, outbox
 
@@ -84,12 +83,6 @@ async def make_box(tmp_path: Path, new_database: Callable[..., str]) -> AsyncIte
     yield make
     for box in boxes:
         await box.stop()
-
-
-async def command(box: Sandbox, user: str, text: str) -> SentRequest:
-    resp = await timed(box.slack.command(user, text))
-    await box.settle()
-    return resp
 
 
 async def approve(box: Sandbox, rid: str, *users: str) -> None:
