@@ -41,7 +41,7 @@ def load_policy(n_requesters: int, n_approvers: int, *, quorum: int = 2, trigger
                 delivery: str = "reveal", rate_limit: int = 100_000,
                 extra: str = "", algorithm: str = "RS256") -> Callable[[str, str], str]:
     """The sandbox's policy sized for load: (probe_url, client_secret) -> policy text."""
-    from bot.sandbox import sandbox_policy
+    from bot.local.sandbox import sandbox_policy
 
     requesters = [f"U0REQ{i:05d}" for i in range(n_requesters)]
     approvers = [f"U0APP{i:05d}" for i in range(n_approvers)]
@@ -415,8 +415,8 @@ class BotProcess:
     async def start(self) -> BotProcess:
         import secrets
 
-        from bot.emulator import SlackEmulator
-        from bot.sandbox import ProbeTarget
+        from bot.local.emulator import SlackEmulator
+        from bot.local.sandbox import ProbeTarget
 
         self.probes = ProbeTarget()
         await self.probes.start()
@@ -442,7 +442,7 @@ class BotProcess:
         import sys
 
         from bot.core.kdf import new_master_key
-        from bot.emulator import SlackSender
+        from bot.local.emulator import SlackSender
 
         env = {**os.environ, "SLACK_BOT_TOKEN": "xoxb-" + secrets.token_hex(8),
                "SLACK_SIGNING_SECRET": self.signing_secret, "SLACK_API_URL": self.emulator.api_url,

@@ -252,7 +252,7 @@ async def hello_server() -> tuple[web.AppRunner, str]:
 
 
 async def token_from_flow(box: Any) -> str:
-    from bot.sandbox import ALICE, BOB, CAROL, REVIEWS
+    from bot.local.sandbox import ALICE, BOB, CAROL, REVIEWS
 
     await box.slack.command(ALICE, "payments-write 30m INC-4521 bench")
     await box.settle()
@@ -282,7 +282,7 @@ def _line(name: str, r: Result, width: int = 14) -> str:
 async def main(args: argparse.Namespace) -> int:
     import logging
 
-    from bot.sandbox import Sandbox
+    from bot.local.sandbox import Sandbox
 
     logging.basicConfig(level=logging.WARNING)
     out = io.StringIO()

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import load_policy, wait_healthy, write_section  # noqa: E402
 
 from bot.core.kdf import new_master_key  # noqa: E402
-from bot.emulator import SlackEmulator, SlackSender  # noqa: E402
-from bot.sandbox import ProbeTarget  # noqa: E402
+from bot.local.emulator import SlackEmulator, SlackSender  # noqa: E402
+from bot.local.sandbox import ProbeTarget  # noqa: E402
 from bot.store.db import Database  # noqa: E402
 
 

@@ -43,7 +43,7 @@ from _common import (  # noqa: E402
 from slack_load import bare_server  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
-from bot.reconcile import BATCH  # noqa: E402
+from bot.governance.reconcile import BATCH  # noqa: E402
 from bot.store.db import Database  # noqa: E402
 from bot.store.schema import requests  # noqa: E402
 

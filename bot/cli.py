@@ -28,7 +28,7 @@ from .core.policy_warnings import policy_warnings
 from .operator import operator_actor
 
 if TYPE_CHECKING:
-    from . import audit_slack
+    from .delivery import audit_slack
 
 log = logging.getLogger("bot")
 
@@ -228,7 +228,7 @@ async def _existing_db(url: str) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .local.demo import run_demo
 
     setup_logging("WARNING")
     return asyncio.run(run_demo(verbose=args.verbose))
@@ -387,8 +387,8 @@ async def _audit(args: argparse.Namespace) -> int:
 
 def _slack_target() -> audit_slack.Target:
     """`audit verify --slack`: the incident channel from the policy, Slack from the env."""
-    from . import audit_slack
     from .config import DEFAULT_API_URL
+    from .delivery import audit_slack
 
     policy, _ = _policy_or_exit(os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml")
     token = os.environ.get("SLACK_BOT_TOKEN", "").strip()
@@ -404,7 +404,7 @@ def _slack_target() -> audit_slack.Target:
 
 async def _verify_slack(db: Any, master: str, key: bytes, target: audit_slack.Target,
                         broken: str | None, args: argparse.Namespace) -> int:
-    from . import audit_slack
+    from .delivery import audit_slack
     from .keys import WrongMasterKey
 
     since = _parse_since(args.since) if args.since else None
@@ -435,7 +435,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 
 async def _outbox(args: argparse.Namespace) -> int:
-    from .outbox import retry_dead
+    from .delivery.outbox import retry_dead
 
     db = await _existing_db(_db_url())
     try:

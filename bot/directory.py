@@ -26,7 +26,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
-from .live_policy import LivePolicy
+from .governance.live_policy import LivePolicy
 
 log = logging.getLogger(__name__)
 

@@ -76,15 +76,16 @@ from typing import Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
-from . import audit, outbox
+from . import audit
 from .core import tokens
 from .core.clock import Clock
 from .core.domain import State
 from .core.errors import Refusal
 from .core.policy import Client, Policy
+from .delivery import outbox
 from .governance import alerts
+from .governance.live_policy import LivePolicy
 from .keys import KeyRing
-from .live_policy import LivePolicy
 from .service import Service
 from .slack import blocks
 from .store import requests as store

@@ -20,26 +20,26 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from . import audit
-from .audit_publish import GATHER, publish_head
 from .client_auth import ClientAuthenticator
 from .config import Settings, split_listen_addr
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
+from .delivery.audit_publish import GATHER, publish_head
+from .delivery.outbox import Dispatcher
 from .delivery.webhooks import KIND as WEBHOOK_KIND
 from .delivery.webhooks import Webhooks
 from .directory import Directory
 from .foreground import Foreground
 from .governance import alerts
 from .governance.inventory import Inventory
+from .governance.key_watch import KeyWatch
+from .governance.live_policy import LivePolicy
+from .governance.membership import MembershipRecheck
+from .governance.policy_reload import PolicyReloader, ReloadResult
 from .governance.reviews import Reviews
 from .http import SLACK_SIGNATURE, build_metrics_app, build_web_app
 from .introspection import Introspector
-from .key_watch import KeyWatch
 from .keys import AUDIT_KEY_NAME, KeyRing, sealed_secret
-from .live_policy import LivePolicy
-from .membership import MembershipRecheck
-from .outbox import Dispatcher
-from .policy_reload import PolicyReloader, ReloadResult
 from .service import Service
 from .slack import channels, identity, intake
 from .slack.app import PooledRespond, build_app

@@ -17,19 +17,20 @@ from typing import Any
 from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import audit, metrics, outbox
+from . import audit, metrics
 from .core import quorum, tokens
 from .core.clock import Clock
 from .core.domain import Request, State, TriggerResult
 from .core.errors import Refusal
 from .core.grants import ceiling
 from .core.policy import Policy, Scope
+from .delivery import outbox
+from .delivery.outbox import Rendered
 from .directory import Directory
 from .foreground import Passes
 from .governance import alerts, drills, escalation, expiry, refusals
+from .governance.live_policy import LivePolicy
 from .keys import KeyRing
-from .live_policy import LivePolicy
-from .outbox import Rendered
 from .slack import blocks, review_blocks
 from .store import requests as store
 from .store import reviews as review_store
@@ -523,7 +524,7 @@ class Service:
         """A reload swapped the policy while the grant's transaction was committing: its
         reconciliation may have read before the grant existed. Apply it to this grant."""
         from .core.grants import outlived
-        from .reconcile import revoke_many
+        from .governance.reconcile import revoke_many
 
         grant = dict(req.extra.get("grant") or {})
         why = outlived(self.policy, req.scope, grant, req.token_expires_at, self.clock.now(),
@@ -672,7 +673,7 @@ class Service:
         """`delivery = "message"`: mint the token as the DM is sent; store its hash first.
         (Also the edits a bulk revocation queued unrendered: `reconcile.render`.)"""
         if payload.get("render"):
-            from .reconcile import render
+            from .governance.reconcile import render
 
             return await render(self, payload)
         now = self.clock.now()
@@ -812,7 +813,7 @@ class Service:
         """A live token whose grant the running policy no longer covers is revoked, and a
         pending request for a scope that is gone is cancelled (at start and after every
         reload: `reconcile.reconcile_policy`). Returns how many changed."""
-        from .reconcile import reconcile_policy
+        from .governance.reconcile import reconcile_policy
 
         done = await reconcile_policy(self)
         return done.revoked + done.cancelled

@@ -27,7 +27,7 @@ from typing import Any
 import pg_throwaway
 import pytest
 
-from bot.sandbox import Sandbox
+from bot.local.sandbox import Sandbox
 
 BACKENDS = ("sqlite", "postgresql")
 PG_ENV = "BREAKGLASS_TEST_POSTGRES_URL"

@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 from sqlalchemy import text
 
-from bot.emulator import SentRequest, SlackEmulator
-from bot.sandbox import Sandbox
+from bot.local.emulator import SentRequest, SlackEmulator
+from bot.local.sandbox import Sandbox
 from bot.store.db import Database
 
 ACK_LIMIT = 3.0  # Slack's limit for answering a command or a click

@@ -25,7 +25,7 @@ from bot import audit
 from bot.core.alerts import ALERT_PREFIX, QuietHours, judge_refusal, parse_quiet_hours
 from bot.core.clock import OffsetClock
 from bot.governance import alerts
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, Sandbox
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, Sandbox
 
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 REASON = "INC-4521 auth provider down"

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 
 from bot.core.clock import OffsetClock
 from bot.core.kdf import new_master_key
-from bot.emulator import (
+from bot.local.emulator import (
     APP_ID,
     TEAM_ID,
     Message,
@@ -36,7 +36,7 @@ from bot.emulator import (
     click_payload,
     command_fields,
 )
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
 from bot.store.replay import MAX_RECENT, ReplayGuard
 from bot.store.schema import audit_log, requests
 
@@ -518,8 +518,8 @@ async def test_serve_says_when_the_metrics_address_is_taken(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    from bot.emulator import SlackEmulator
-    from bot.sandbox import sandbox_policy
+    from bot.local.emulator import SlackEmulator
+    from bot.local.sandbox import sandbox_policy
 
     async with SlackEmulator() as slack:
         policy = tmp_path / "policy.toml"
@@ -697,7 +697,7 @@ async def test_check_policy_warns_about_secret_sha256_and_hash_secret_makes_the_
     import sys
 
     from bot.core.policy import parse_policy
-    from bot.sandbox import sandbox_policy
+    from bot.local.sandbox import sandbox_policy
 
     def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "bot", *args], input=stdin,
@@ -739,7 +739,7 @@ async def test_check_policy_warns_about_secret_sha256_and_hash_secret_makes_the_
 ])
 def test_a_client_needs_exactly_one_valid_secret_key(client: str, says: str) -> None:
     from bot.core.policy import PolicyError, parse_policy
-    from bot.sandbox import sandbox_policy
+    from bot.local.sandbox import sandbox_policy
 
     text = sandbox_policy("http://127.0.0.1:9", "s" * 20)
     head, _, _ = text.partition("[clients.payments-api]")

@@ -23,12 +23,12 @@ import aiohttp
 import pytest
 
 from bot import audit
-from bot.audit_publish import EVENT, check_head, lane, publish_head, published_heads
 from bot.core.clock import ManualClock
 from bot.core.tokens import SigningKey, generate_private_key
+from bot.delivery.audit_publish import EVENT, check_head, lane, publish_head, published_heads
 from bot.keys import sealed_secret
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, REVIEWS, Sandbox
 from bot.runtime import AUDIT_KEY_NAME
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, REVIEWS, Sandbox
 from bot.store.db import Database
 from bot.store.schema import outbox as outbox_table
 

@@ -35,11 +35,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bot.audit_publish import publish_head
 from bot.core.clock import OffsetClock
 from bot.core.events import WEBHOOK_EVENTS
 from bot.core.kdf import new_master_key
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, REVIEWS, Sandbox
+from bot.delivery.audit_publish import publish_head
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, REVIEWS, Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")

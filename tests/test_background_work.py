@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from bot.sandbox import ALICE, Sandbox
+from bot.local.sandbox import ALICE, Sandbox
 from bot.store.schema import requests
 
 REQUEST = "payments-write 30m INC-4521 auth provider down"

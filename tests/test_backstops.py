@@ -27,8 +27,8 @@ from sqlalchemy.exc import IntegrityError
 
 from bot.core import quorum
 from bot.core.domain import State
-from bot.emulator import SentRequest, command_fields
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, REVIEWS, Sandbox
+from bot.local.emulator import SentRequest, command_fields
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, REVIEWS, Sandbox
 from bot.store import requests as store
 from bot.store.schema import audit_log, decisions, requests
 

@@ -15,8 +15,8 @@ from helpers import timed
 from sqlalchemy import func, select
 
 from bot.core.clock import OffsetClock
-from bot.emulator import SentRequest
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, ProbeTarget, Sandbox
+from bot.local.emulator import SentRequest
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, ProbeTarget, Sandbox
 from bot.store.schema import audit_log, decisions, outbox, requests
 
 REQUEST = "payments-write 30m INC-4521 auth provider down"

@@ -25,13 +25,13 @@ import pytest
 from sqlalchemy import select, text
 
 from bot import audit
-from bot.audit_publish import EVENT, GATHER, publish_head
 from bot.core import checkpoint
 from bot.core.clock import ManualClock
 from bot.core.tokens import SigningKey, generate_private_key
-from bot.emulator import BOT_USER_ID, Message
+from bot.delivery.audit_publish import EVENT, GATHER, publish_head
+from bot.local.emulator import BOT_USER_ID, Message
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, REVIEWS, Sandbox
 from bot.runtime import Runtime
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, REVIEWS, Sandbox
 from bot.store.db import Database
 from bot.store.schema import audit_log
 
@@ -577,7 +577,7 @@ async def test_a_checkpoint_with_a_bad_signature_fails(box: Sandbox) -> None:
 
 
 async def test_verify_slack_reads_every_page_of_history(box: Sandbox) -> None:
-    from bot.audit_slack import PAGE
+    from bot.delivery.audit_slack import PAGE
 
     found = await published_flow(box)
     for i in range(2 * PAGE + 50):

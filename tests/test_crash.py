@@ -44,10 +44,10 @@ from aiohttp import web
 
 from bot import audit
 from bot.core.kdf import new_master_key
-from bot.emulator import SlackEmulator, SlackSender
 from bot.keys import sealed_secret
+from bot.local.emulator import SlackEmulator, SlackSender
+from bot.local.sandbox import ProbeTarget, sandbox_policy
 from bot.runtime import AUDIT_KEY_NAME
-from bot.sandbox import ProbeTarget, sandbox_policy
 from bot.store.db import Database
 
 ALICE, ERIN, FRANK = "U0ALICE", "U0ERIN", "U0FRANK"

@@ -38,7 +38,7 @@ from test_relying_services import basic, introspect, post
 from bot import audit
 from bot.core.clock import ManualClock, OffsetClock
 from bot.governance import drills
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
 from bot.store import requests as store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -379,7 +379,7 @@ def test_drill_grammar() -> None:
 ])
 def test_drill_policy_errors(change: tuple[str, str], error: str) -> None:
     from bot.core.policy import PolicyError, parse_policy
-    from bot.sandbox import sandbox_policy
+    from bot.local.sandbox import sandbox_policy
 
     text = sandbox_policy("http://127.0.0.1:9", "secret").replace(*change)
     with pytest.raises(PolicyError) as caught:

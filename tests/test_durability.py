@@ -20,7 +20,7 @@ from typing import Any
 from helpers import timed
 from sqlalchemy import text
 
-from bot.sandbox import ALICE, REVIEWS, Sandbox
+from bot.local.sandbox import ALICE, REVIEWS, Sandbox
 from bot.store.db import Database
 
 

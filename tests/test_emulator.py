@@ -14,7 +14,7 @@ from aiohttp import web
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.emulator import SlackEmulator, SlackSender
+from bot.local.emulator import SlackEmulator, SlackSender
 from bot.slack.signature import SignatureError, verify_signature
 
 TOKEN = "xoxb-emulator-test"

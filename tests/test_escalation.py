@@ -24,9 +24,9 @@ from test_flow import (
 )
 
 from bot.core.clock import OffsetClock
-from bot.emulator import Message
+from bot.local.emulator import Message
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, REVIEWS, Sandbox
 from bot.runtime import Runtime
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, REVIEWS, Sandbox
 from bot.store.schema import decisions
 
 DIRECTOR, DIRECTOR2 = "U0DIRECTOR", "U0DIRECTOR2"
@@ -164,7 +164,7 @@ async def test_a_drill_escalates_too(make_box: MakeBox) -> None:
 
 
 def _policy(**options: Any) -> str:
-    from bot.sandbox import sandbox_policy
+    from bot.local.sandbox import sandbox_policy
 
     return sandbox_policy("http://127.0.0.1:9", "secret", **options)
 

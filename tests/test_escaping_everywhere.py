@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 
 from bot.core.clock import OffsetClock
-from bot.emulator import SentRequest
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, REVIEWS, Sandbox
+from bot.local.emulator import SentRequest
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, REVIEWS, Sandbox
 
 PINGS = ("<!channel>", "<!here>", "<!everyone>", "<@U0MALLORY>", "<https://evil.example|x>",
          "<#C0GENERAL>", "<!subteam^S0EVIL>")

@@ -20,8 +20,18 @@ from sqlalchemy import func, select
 
 from bot import audit
 from bot.core.kdf import new_master_key
-from bot.emulator import SentRequest, SlackEmulator, SlackSender
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, PEOPLE, REVIEWS, ProbeTarget, Sandbox, sandbox_policy
+from bot.local.emulator import SentRequest, SlackEmulator, SlackSender
+from bot.local.sandbox import (
+    ALICE,
+    BOB,
+    CAROL,
+    INCIDENT,
+    PEOPLE,
+    REVIEWS,
+    ProbeTarget,
+    Sandbox,
+    sandbox_policy,
+)
 from bot.store.schema import decisions, requests
 
 CROWD = [f"U0CROWD{i:02d}" for i in range(50)]

@@ -22,9 +22,9 @@ from test_flow import (
 )
 
 from bot.core.clock import OffsetClock
-from bot.emulator import Message
+from bot.local.emulator import Message
+from bot.local.sandbox import ALICE, BOB, CAROL, Sandbox
 from bot.runtime import Runtime
-from bot.sandbox import ALICE, BOB, CAROL, Sandbox
 
 WARNING = "cannot be extended"
 

@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 
 from bot.core.kdf import new_master_key
-from bot.emulator import SlackEmulator
-from bot.sandbox import sandbox_policy
+from bot.local.emulator import SlackEmulator
+from bot.local.sandbox import sandbox_policy
 
 
 def free_port() -> int:

@@ -20,8 +20,8 @@ from helpers import command, timed
 from sqlalchemy import select
 
 from bot.core.clock import OffsetClock
-from bot.emulator import Message, SentRequest
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, Sandbox
+from bot.local.emulator import Message, SentRequest
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, Sandbox
 from bot.store.schema import audit_log, decisions, requests
 
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")

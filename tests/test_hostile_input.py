@@ -40,8 +40,8 @@ from bot.core.commands import (
 )
 from bot.core.durations import MAX_DURATION, DurationError, format_duration, parse_duration
 from bot.core.policy import Policy, PolicyError, parse_policy, validate_policy
-from bot.emulator import SLACK_USER_AGENT, SentRequest
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, Sandbox, sandbox_policy
+from bot.local.emulator import SLACK_USER_AGENT, SentRequest
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, Sandbox, sandbox_policy
 
 T = TypeVar("T")
 PEOPLE = [ALICE, BOB, CAROL, DAVE, MALLORY]

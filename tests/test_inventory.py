@@ -27,7 +27,7 @@ from test_reviews import (
     wait_thread,
 )
 
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, Sandbox
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, Sandbox
 from bot.store.schema import audit_log, requests
 
 AUDITOR = "U0AUDITOR"

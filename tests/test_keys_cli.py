@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from bot.core.clock import OffsetClock
 from bot.core.kdf import new_master_key
 from bot.keys import _aead, _decrypt, _encrypt
-from bot.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox, sandbox_policy
+from bot.local.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox, sandbox_policy
 from bot.store.db import Database
 from bot.store.schema import signing_keys
 

@@ -33,12 +33,12 @@ from helpers import timed
 from sqlalchemy import func, select
 from test_flow import JWT_RE, approve, click, content, dm, incident, request, reveal, row
 
-from bot import reconcile
 from bot.core.clock import ManualClock, OffsetClock
 from bot.core.kdf import new_master_key
+from bot.governance import reconcile
 from bot.keys import KeyRing
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, REVIEWS, Sandbox
 from bot.runtime import Runtime
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, REVIEWS, Sandbox
 from bot.store.schema import audit_log, reviews, token_closures
 
 SCOPE_BLOCK_START = "[scopes.payments-write]"

@@ -35,8 +35,8 @@ import jwt
 import pytest
 
 from bot.core.kdf import new_master_key
-from bot.emulator import SlackEmulator, SlackSender
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, ProbeTarget, sandbox_policy
+from bot.local.emulator import SlackEmulator, SlackSender
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, ProbeTarget, sandbox_policy
 
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 CLIENT_SECRET = "live-serve-client-secret"

@@ -16,7 +16,7 @@ from test_relying_services import basic, introspect, post
 
 from bot import audit
 from bot.core.commands import MAX_REASON_LENGTH
-from bot.sandbox import BOB, REVIEWS, Sandbox
+from bot.local.sandbox import BOB, REVIEWS, Sandbox
 from bot.store.schema import audit_log
 
 LONG_USER = "U0" + "L" * 60

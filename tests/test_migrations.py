@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from bot import audit
 from bot.core.kdf import new_master_key
-from bot.sandbox import sandbox_policy
+from bot.local.sandbox import sandbox_policy
 from bot.store import migrate
 from bot.store.db import Database
 from bot.store.schema import metadata

@@ -27,8 +27,8 @@ from sqlalchemy import func, select
 from bot.cli import ENV_HELP, SERVE_ENV, build_parser
 from bot.core.commands import NOT_SCOPE_WORDS, USAGE, Help, parse_command
 from bot.core.policy import parse_policy
-from bot.emulator import SentRequest
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox, sandbox_policy
+from bot.local.emulator import SentRequest
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox, sandbox_policy
 from bot.store.schema import audit_log, requests
 
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")

@@ -23,11 +23,12 @@ import pytest
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select, update
 
-from bot import metrics, outbox
+from bot import metrics
 from bot.core.clock import SystemClock
-from bot.emulator import SlackEmulator
-from bot.outbox import Dispatcher, Rendered
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
+from bot.delivery import outbox
+from bot.delivery.outbox import Dispatcher, Rendered
+from bot.local.emulator import SlackEmulator
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
 from bot.store.db import Database
 from bot.store.schema import outbox as outbox_table
 from bot.store.schema import slack_messages
@@ -196,7 +197,7 @@ async def test_permanent_error_dead_letters_at_once_with_metric_and_log(
     before = sample("breakglass_outbox_dead_letters_total", kind="post")
     d = world.dispatcher()
     await post(world.db, "C404", "lost")
-    with caplog.at_level(logging.ERROR, logger="bot.outbox"):
+    with caplog.at_level(logging.ERROR, logger="bot.delivery.outbox"):
         assert await d.drain(5) == 0
     [row] = await rows(world.db)
     assert row["status"] == "dead" and "channel_not_found" in row["last_error"]

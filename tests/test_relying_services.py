@@ -28,10 +28,10 @@ from sqlalchemy import select
 from bot import audit
 from bot.core.clock import OffsetClock
 from bot.core.policy import parse_policy
-from bot.emulator import SlackSender
 from bot.introspection import REVALIDATE_AFTER
+from bot.local.emulator import SlackSender
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
 from bot.runtime import Runtime
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, REVIEWS, Sandbox
 from bot.store.schema import token_uses
 
 ROOT = Path(__file__).resolve().parent.parent

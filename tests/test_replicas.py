@@ -23,8 +23,8 @@ from helpers import ServeProcess, base_env, query
 
 from bot.core.clock import SystemClock
 from bot.core.kdf import new_master_key
-from bot.emulator import SlackEmulator, SlackSender
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, PEOPLE, REVIEWS, ProbeTarget, sandbox_policy
+from bot.local.emulator import SlackEmulator, SlackSender
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, PEOPLE, REVIEWS, ProbeTarget, sandbox_policy
 from bot.store.db import Database
 from bot.store.replay import ReplayGuard
 

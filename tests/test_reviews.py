@@ -23,8 +23,8 @@ from helpers import command, timed
 from sqlalchemy import select
 
 from bot.core.clock import OffsetClock
-from bot.emulator import Message, SentRequest
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, Sandbox
+from bot.local.emulator import Message, SentRequest
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, REVIEWS, Sandbox
 from bot.store.schema import audit_log, requests, reviews
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -437,7 +437,7 @@ async def test_the_sweep_sends_each_overdue_reminder_once_across_processes(
 
 def test_reviewers_default_to_the_scopes_approvers_and_survive_its_removal() -> None:
     from bot.core.policy import parse_policy
-    from bot.sandbox import sandbox_policy
+    from bot.local.sandbox import sandbox_policy
 
     text = sandbox_policy("http://127.0.0.1:9", "secret")
     policy = parse_policy(text)

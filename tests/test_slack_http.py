@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from sqlalchemy import func, select
 
-from bot.emulator import SentRequest
-from bot.sandbox import ALICE, Sandbox
+from bot.local.emulator import SentRequest
+from bot.local.sandbox import ALICE, Sandbox
 from bot.slack.signature import compute_signature
 from bot.store.schema import requests
 
@@ -296,7 +296,7 @@ async def test_metrics(box: Sandbox) -> None:
 async def test_calls_to_slack_reuse_connections(box: Sandbox) -> None:
     """Web API calls and response_url posts share one connection pool: a new TCP (and,
     against Slack, TLS) connection per message would cost more than the message."""
-    from bot.sandbox import BOB, CAROL, REVIEWS
+    from bot.local.sandbox import BOB, CAROL, REVIEWS
 
     box.emulator.connections.clear()
     for n in range(3):

@@ -31,8 +31,8 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core.kdf import new_master_key
-from bot.emulator import SlackEmulator, SlackSender, click_payload, command_fields
-from bot.sandbox import ALICE, BOB, CAROL, INCIDENT, PEOPLE, REVIEWS, ProbeTarget, sandbox_policy
+from bot.local.emulator import SlackEmulator, SlackSender, click_payload, command_fields
+from bot.local.sandbox import ALICE, BOB, CAROL, INCIDENT, PEOPLE, REVIEWS, ProbeTarget, sandbox_policy
 from bot.slack import blocks
 
 ACK_LIMIT = 3.0  # Slack's limit for acknowledging a command or a click

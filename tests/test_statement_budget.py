@@ -26,11 +26,12 @@ import pytest
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import event, func, select
 
-from bot import audit, outbox
+from bot import audit
 from bot.core.clock import SystemClock
-from bot.emulator import SlackEmulator
-from bot.outbox import Dispatcher, Rendered
-from bot.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox
+from bot.delivery import outbox
+from bot.delivery.outbox import Dispatcher, Rendered
+from bot.local.emulator import SlackEmulator
+from bot.local.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox
 from bot.store.db import Database
 from bot.store.schema import slack_messages
 

@@ -36,7 +36,7 @@ from bot.introspection import (
     UNKNOWN_TOKEN,
     WRONG_AUDIENCE,
 )
-from bot.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox
+from bot.local.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox
 
 _JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 OTHER_SECRET = secrets.token_urlsafe(16)

@@ -26,7 +26,7 @@ from webhook_receiver import Receiver
 from bot import audit
 from bot.core.policy import PolicyError, parse_policy
 from bot.delivery.webhooks import WebhookConfigError, lane_of
-from bot.sandbox import ALICE, BOB, CAROL, Sandbox, sandbox_policy
+from bot.local.sandbox import ALICE, BOB, CAROL, Sandbox, sandbox_policy
 from bot.store.schema import audit_log, outbox
 
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")

@@ -59,10 +59,11 @@ from typing import Any
 
 import aiohttp
 
-from .. import audit, outbox
+from .. import audit
 from ..core import events as event_names
 from ..core.policy import Webhook
 from ..store.db import Database
+from . import outbox
 
 log = logging.getLogger(__name__)
 

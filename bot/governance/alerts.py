@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from sqlalchemy import and_, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .. import audit, outbox
+from .. import audit
 from ..core import alerts as rules
 from ..core.alerts import (
     ALERT_PREFIX,
@@ -47,6 +47,7 @@ from ..core.alerts import (
 )
 from ..core.events import ALERT
 from ..core.policy import Policy
+from ..delivery import outbox
 from ..store import requests as store
 from ..store.db import Database
 from ..store.schema import alert_counters

@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING
 from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .. import metrics, outbox
+from .. import metrics
 from ..audit import AuditEvent
 from ..core.domain import Request
 from ..core.durations import format_period
 from ..core.policy import Policy
+from ..delivery import outbox
 from ..slack import blocks
 from ..store import requests as store
 from ..store.periodic import claim_run

@@ -23,10 +23,10 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .. import outbox
 from ..audit import AuditEvent
 from ..core import quorum
 from ..core.policy import Policy
+from ..delivery import outbox
 from ..slack import blocks
 from ..store import requests as store
 

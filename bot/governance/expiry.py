@@ -19,9 +19,9 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .. import outbox
 from ..audit import AuditEvent
 from ..core.domain import State
+from ..delivery import outbox
 from ..slack import blocks
 from ..store import requests as store
 

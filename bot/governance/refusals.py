@@ -35,9 +35,10 @@ from typing import Any
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .. import audit, outbox
+from .. import audit
 from ..core import alerts as rules
 from ..core.policy import Policy
+from ..delivery import outbox
 from ..store import requests as store
 from ..store.db import Database
 from ..store.schema import alert_counters, refusals

@@ -24,13 +24,14 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from .. import audit, outbox
+from .. import audit
 from ..core import reviews as rules
 from ..core.domain import Request
 from ..core.errors import Refusal
 from ..core.policy import ReviewSettings
 from ..core.reviews import ReviewState
-from ..outbox import Rendered
+from ..delivery import outbox
+from ..delivery.outbox import Rendered
 from ..service import Service, _Writes, card_key
 from ..slack import review_blocks
 from ..store import requests as requests_store

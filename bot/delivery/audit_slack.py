@@ -1,7 +1,7 @@
 """`breakglass audit verify --slack`: the checkpoints in the incident channel, read
 back and compared with the database.
 
-A checkpoint (`bot.audit_publish`, `bot.core.checkpoint`) says which row was the
+A checkpoint (`bot.delivery.audit_publish`, `bot.core.checkpoint`) says which row was the
 audit log's head, with which MAC. This module
 
 1. asks Slack who the bot is (`auth.test`): only messages from the bot's own
@@ -33,14 +33,14 @@ from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetry
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select
 
-from . import audit
-from .core import checkpoint
-from .core.events import ALERT
-from .core.policy import Webhook
-from .core.tokens import VerificationKey
-from .governance import alerts
-from .store.db import Database
-from .store.schema import audit_log
+from .. import audit
+from ..core import checkpoint
+from ..core.events import ALERT
+from ..core.policy import Webhook
+from ..core.tokens import VerificationKey
+from ..governance import alerts
+from ..store.db import Database
+from ..store.schema import audit_log
 
 PAGE = 200  # messages per conversations.history call (Slack's recommended maximum)
 _SCOPES = "channels:history (public channel) or groups:history (private channel)"
@@ -250,7 +250,7 @@ async def check(db: Database, master_key: str, audit_key: bytes, target: Target,
     `checkpoint_mismatch`), which queues the webhook event `alert` for the running
     bot to deliver. Raises SlackUnusable when Slack cannot be asked,
     keys.WrongMasterKey when the master key does not open the keys."""
-    from .keys import verification_keys
+    from ..keys import verification_keys
 
     keys = await verification_keys(db, master_key)
     async with aiohttp.ClientSession() as session:
@@ -276,7 +276,7 @@ async def record_alert(db: Database, audit_key: bytes, target: Target, failed: S
     """The alert as an audit row `alert`; with the policy's webhooks attached, the same
     transaction queues the webhook event `alert` (a running bot sends it). Returns a
     line saying what happened."""
-    from .delivery.webhooks import Webhooks
+    from .webhooks import Webhooks
 
     hooks = None
     note = ""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .core.policy import Policy
+from ..core.policy import Policy
 
 
 def text_sha256(text: str) -> str:

@@ -7,7 +7,7 @@ closes those gaps: the head (last sequence number and its MAC, exactly as
 stored) is signed with the bot's signing key (`bot.core.checkpoint`) and
 posted to the incident channel, through the outbox, in the same transaction
 as an audit row `checkpoint` that records it. `breakglass audit verify
---slack` (`bot.audit_slack`) reads the posts back and compares.
+--slack` (`bot.delivery.audit_slack`) reads the posts back and compares.
 
 When a checkpoint is due
 ------------------------
@@ -39,12 +39,13 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import and_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import audit, outbox
-from .core import checkpoint
-from .core.clock import Clock
-from .core.tokens import SigningKey
-from .store.db import Database
-from .store.schema import audit_log
+from .. import audit
+from ..core import checkpoint
+from ..core.clock import Clock
+from ..core.tokens import SigningKey
+from ..store.db import Database
+from ..store.schema import audit_log
+from . import outbox
 
 EVENT = "checkpoint"
 LEGACY_EVENT = "head_published"  # what versions before signed checkpoints wrote

@@ -16,8 +16,8 @@ from typing import Any
 
 import aiohttp
 
-from . import audit
-from .core.clock import OffsetClock
+from .. import audit
+from ..core.clock import OffsetClock
 from .emulator import Message
 from .sandbox import ALICE, BOB, CAROL, INCIDENT, MALLORY, PEOPLE, REVIEWS, Sandbox
 

@@ -75,11 +75,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import metrics
-from .core.clock import Clock
-from .store.db import Database
-from .store.schema import outbox, slack_messages
-from .store.sqlite_driver import LockedError, stored_datetime
+from .. import metrics
+from ..core.clock import Clock
+from ..store.db import Database
+from ..store.schema import outbox, slack_messages
+from ..store.sqlite_driver import LockedError, stored_datetime
 
 log = logging.getLogger(__name__)
 

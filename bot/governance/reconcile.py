@@ -39,17 +39,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import outbox
-from .core.domain import Request, State
-from .core.grants import outlived
-from .outbox import Rendered
-from .slack import blocks
-from .store import closures
-from .store import requests as store
-from .store.schema import decisions, requests
+from ..core.domain import Request, State
+from ..core.grants import outlived
+from ..delivery import outbox
+from ..delivery.outbox import Rendered
+from ..slack import blocks
+from ..store import closures
+from ..store import requests as store
+from ..store.schema import decisions, requests
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..service import Service
 
 BATCH = 50
 LANES = 2  # batches in flight: one's fsync overlaps the next one's transaction

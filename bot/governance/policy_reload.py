@@ -39,18 +39,19 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from . import audit, outbox
-from .core.policy import Policy, PolicyError, parse_policy
-from .delivery.webhooks import WebhookConfigError
-from .governance.alerts import KEY_ROTATED, RELOAD_REFUSED, raise_alert, raise_alert_in
-from .keys import Record
+from .. import audit
+from ..core.policy import Policy, PolicyError, parse_policy
+from ..delivery import outbox
+from ..delivery.webhooks import WebhookConfigError
+from ..keys import Record
+from ..slack import blocks
+from ..store.periodic import claim_run
+from .alerts import KEY_ROTATED, RELOAD_REFUSED, raise_alert, raise_alert_in
 from .live_policy import text_sha256
 from .reconcile import reconcile_policy
-from .slack import blocks
-from .store.periodic import claim_run
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 

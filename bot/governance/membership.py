@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from .core.grants import missing_member
-from .directory import Directory, Membership
+from ..core.grants import missing_member
+from ..directory import Directory, Membership
+from ..store import requests as store
+from ..store.schema import requests
 from .reconcile import YieldTo, revoke_many
-from .store import requests as store
-from .store.schema import requests
 
 if TYPE_CHECKING:
-    from .service import Service
+    from ..service import Service
 
 log = logging.getLogger(__name__)
 

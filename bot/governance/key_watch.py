@@ -27,9 +27,9 @@ import asyncio
 import contextlib
 import logging
 
-from .core.clock import Clock
-from .keys import KeyRing, fingerprint
-from .store.db import Database
+from ..core.clock import Clock
+from ..keys import KeyRing, fingerprint
+from ..store.db import Database
 
 log = logging.getLogger(__name__)
 

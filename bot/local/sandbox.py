@@ -18,13 +18,13 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import Settings, parse_trusted_proxies
-from .core import client_secrets
-from .core.clock import Clock
-from .core.kdf import new_master_key
-from .core.policy import parse_policy
+from ..config import Settings, parse_trusted_proxies
+from ..core import client_secrets
+from ..core.clock import Clock
+from ..core.kdf import new_master_key
+from ..core.policy import parse_policy
+from ..runtime import Runtime
 from .emulator import SlackEmulator, SlackSender
-from .runtime import Runtime
 
 ALICE, BOB, CAROL, DAVE, MALLORY = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE", "U0MALLORY"
 REVIEWS, INCIDENT = "C0REVIEWS", "C0INCIDENT"
