@@ -15,7 +15,7 @@ import aiohttp
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
-from bot.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox
+from bot.local.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox
 
 JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 

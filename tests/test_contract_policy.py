@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from bot.core.clock import OffsetClock
 from bot.core.policy import parse_policy
-from bot.emulator import Message, SentRequest
-from bot.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, Sandbox
+from bot.local.emulator import Message, SentRequest
+from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, MALLORY, Sandbox
 from bot.store.schema import requests
 
 MakeBox = Callable[..., Awaitable[Sandbox]]
