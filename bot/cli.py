@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import preflight
+from . import hangup, preflight
 from .config import ConfigError, Settings
 from .core.kdf import MasterKeyError, check_master_key, new_master_key
 from .core.policy import Policy, PolicyError, load_policy
@@ -127,6 +127,7 @@ def cmd_hash_secret(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Every problem with the environment, the database path and the policy at once,
     each on its own line, before anything starts."""
+    hangup.hold()  # a SIGHUP while starting is held for the reloader, not fatal
     problems: list[str] = []
     settings: Settings | None = None
     level = logging.INFO
@@ -175,6 +176,8 @@ async def _serve(settings: Settings, policy: Policy, policy_text: str) -> int:
     with contextlib.suppress(NotImplementedError, AttributeError):
         # SIGHUP: reload the policy file and the signing keys (contract §7.3, §7.7).
         loop.add_signal_handler(signal.SIGHUP, rt.on_sighup)
+    if hangup.take():  # one or more arrived while starting: reload once, now
+        rt.on_sighup()
     try:
         port = await rt.serve_http()
     except MetricsAddrUnusable as exc:

@@ -53,6 +53,9 @@ DEFAULT_JWKS_LEEWAY = timedelta(seconds=60)
 # Called inside a rotation's transaction with its connection and the new kid (or the
 # number of keys re-encrypted): the caller's audit row and alert commit with the rotation.
 Record = Callable[[AsyncConnection, str], Awaitable[None]]
+# Called like `Record`, with the kid that was current before (another algorithm's key):
+# a key made at start because `tokens.algorithm` changed while the bot was down.
+SwitchRecord = Callable[[AsyncConnection, str, str], Awaitable[None]]
 
 # Serialises key creation/rotation between processes on PostgreSQL. SQLite
 # needs nothing extra: every transaction there starts with BEGIN IMMEDIATE.
@@ -141,6 +144,15 @@ def _newest_current(rows: Sequence[_Row], alg: str) -> _Row | None:
     return max(live, key=lambda r: (_naive_utc(r.created_at), r.kid))
 
 
+def _previous_current(rows: Sequence[_Row]) -> _Row | None:
+    """The key that signed before a new one was made: the newest unretired key of any
+    algorithm (the newest key at all if every one is retired); None for an empty table."""
+    pool = [r for r in rows if r.retired_at is None] or list(rows)
+    if not pool:
+        return None
+    return max(pool, key=lambda r: (_naive_utc(r.created_at), r.kid))
+
+
 def _naive_utc(at: datetime) -> datetime:
     # SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones.
     return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
@@ -223,14 +235,19 @@ class KeyRing:
     # -- lifecycle
 
     @classmethod
-    async def open(cls, db: Database, master_key: str, alg: str, now: datetime) -> KeyRing:
+    async def open(cls, db: Database, master_key: str, alg: str, now: datetime,
+                   on_switch: SwitchRecord | None = None) -> KeyRing:
+        """`on_switch(conn, kid, previous)` runs in the transaction that makes `alg`'s
+        first key when the table already held another algorithm's key (the policy's
+        `tokens.algorithm` changed while no process ran): a rotation, recorded once
+        across processes starting together. A new database's very first key is not."""
         if alg not in ALGORITHMS:
             raise ValueError(
                 f"unsupported signing algorithm {alg!r}; use one of {', '.join(ALGORITHMS)}"
             )
         check_master_key(master_key)
         ring = cls(alg=alg, aead=_aead(master_key))
-        await ring._load(db, now)
+        await ring._load(db, now, switch=on_switch)
         return ring
 
     async def reload(self, db: Database, now: datetime | None = None) -> None:
@@ -261,7 +278,7 @@ class KeyRing:
             raise
 
     async def _load(self, db: Database, now: datetime, tolerant: bool = False,
-                    record: Record | None = None) -> None:
+                    record: Record | None = None, switch: SwitchRecord | None = None) -> None:
         async with db.read() as conn:
             rows = await _rows(conn)
         if _newest_current(rows, self.alg) is None:
@@ -273,6 +290,8 @@ class KeyRing:
                     kid = await _insert_new(conn, self._aead, self.alg, now)
                     if record is not None:
                         await record(conn, kid)
+                    if switch is not None and (previous := _previous_current(rows)) is not None:
+                        await switch(conn, kid, previous.kid)
                     rows = await _rows(conn)
         self._install(rows, tolerant=tolerant)
 
@@ -468,5 +487,5 @@ async def _sealed_secret(db: Database, master_key: str, name: str, *, create: bo
     return _decrypt(aead, _SEALED_AAD + name, blob)
 
 
-__all__ = ["KeyIntegrityError", "KeyRing", "WrongMasterKey", "existing_sealed_secret", "fingerprint",
-           "new_kid", "sealed_secret", "verification_keys"]
+__all__ = ["KeyIntegrityError", "KeyRing", "SwitchRecord", "WrongMasterKey",
+           "existing_sealed_secret", "fingerprint", "new_kid", "sealed_secret", "verification_keys"]

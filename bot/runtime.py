@@ -18,6 +18,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import audit
 from .client_auth import ClientAuthenticator
@@ -150,8 +151,9 @@ class Runtime:
             raise
         self.webhooks.attach(self.db)  # from here on, every audited event reaches them
         now = self.clock.now()
-        self.keyring = await KeyRing.open(self.db, s.master_key, self.policy.tokens.algorithm, now)
         self.audit_key = await sealed_secret(self.db, s.master_key, AUDIT_KEY_NAME)
+        self.keyring = await KeyRing.open(self.db, s.master_key, self.policy.tokens.algorithm, now,
+                                          on_switch=self._key_switched_at_start)
         # One connection pool for every call to Slack (Web API and response_url): without
         # it, slack_sdk and Bolt open a new connection (and TLS session) per call.
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
@@ -207,6 +209,22 @@ class Runtime:
                        asyncio.create_task(self.key_watch.run(self._stop))]
         if self.identity is None:
             self._loops.append(asyncio.create_task(self._identity_loop()))
+
+    async def _key_switched_at_start(self, conn: AsyncConnection, kid: str, previous: str) -> None:
+        """`tokens.algorithm` changed while the bot was down, so this start made the new
+        algorithm's first key: a rotation, audited `key_rotated` and alerted as a reload
+        that switches algorithm (policy_reload.py) and `keys rotate` do; in the key's own
+        transaction, so once across replicas starting together."""
+        now = self.clock.now()
+        alg = self.policy.tokens.algorithm
+        details = {"kid": kid, "previous": previous, "alg": alg, "trigger": "start"}
+        await audit.append(conn, self.audit_key, at=now, actor="breakglass", event="key_rotated",
+                           details=details)
+        await alerts.raise_alert_in(
+            conn, self.audit_key, now, self.policy.slack.incident_channel, alerts.KEY_ROTATED,
+            f"signing key rotated at start (`tokens.algorithm = \"{alg}\"` has no key yet): "
+            f"`{kid}` signs new tokens; tokens signed by `{previous}` keep verifying until "
+            "they expire.", {**details, "by": "start"})
 
     async def _learn_identity(self, *, first: bool = False) -> None:
         """Which team and app the bot token belongs to (slack/identity.py)."""

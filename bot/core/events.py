@@ -33,7 +33,8 @@ WEBHOOK_EVENTS: dict[str, str] = {
     "started": "a bot process started",
     "policy_reloaded": "a running process applied a changed policy (SIGHUP or file change)",
     "policy_refused": "a changed policy did not validate; the running one stayed",
-    "key_rotated": "`breakglass keys rotate` made a new signing key current",
+    "key_rotated": "a new signing key became current (`breakglass keys rotate`, or a changed "
+                   "`tokens.algorithm` at a reload or a start)",
     "master_key_rotated": "`breakglass keys rotate-master` re-encrypted the signing keys",
 }
 
