@@ -25,8 +25,8 @@ import pytest
 from helpers import ServeProcess, base_env, query
 
 from bot.core.kdf import new_master_key
-from bot.emulator import SlackEmulator
-from bot.sandbox import INCIDENT, ProbeTarget, sandbox_policy
+from bot.local.emulator import SlackEmulator
+from bot.local.sandbox import INCIDENT, ProbeTarget, sandbox_policy
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="needs SIGHUP")
 SIGHUP_BIT = 1 << (signal.SIGHUP - 1) if hasattr(signal, "SIGHUP") else 0
