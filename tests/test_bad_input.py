@@ -137,6 +137,17 @@ async def test_unknown_scope(box: Sandbox) -> None:
         "no scope `payments-wrte`", "payments-write", "/breakglass scopes")
 
 
+@pytest.mark.parametrize("text", ["payments-wrte", "payments-wrte 30m", "payments-wrte soon down"])
+async def test_unknown_scope_named_first_when_the_rest_is_missing_too(box: Sandbox,
+                                                                       text: str) -> None:
+    """Not "a duration is required: /breakglass payments-wrte 30m …", which would be
+    refused again once the person added it."""
+    message = await refused_unchanged(box, lambda: command(box, ALICE, text),
+                                      "There is no scope `payments-wrte`", "`payments-write`",
+                                      "/breakglass scopes")
+    assert "/breakglass payments-wrte" not in message
+
+
 async def test_missing_duration(box: Sandbox) -> None:
     await refused_unchanged(box, lambda: command(box, ALICE, "payments-write"),
                             "duration and a reason are required", "/breakglass payments-write 30m")

@@ -114,6 +114,34 @@ def test_unusable_durations(text: str) -> None:
         parse_command(text)
 
 
+def test_a_bad_duration_is_quoted_as_typed() -> None:
+    with pytest.raises(CommandError, match="'INC-1' is not a duration"):
+        parse_command("payments-write INC-1 auth down")
+
+
+SCOPES = ("payments-write", "db-admin")
+
+
+@pytest.mark.parametrize("text", ["paymnts-write", "paymnts-write 30m", "paymnts-write soon x",
+                                  "Paymnts-Write INC-1 down"])
+def test_an_incomplete_request_for_a_scope_that_does_not_exist_says_so_first(text: str) -> None:
+    with pytest.raises(CommandError) as info:
+        parse_command(text, scopes=SCOPES)
+    message = str(info.value)
+    assert message.startswith(f"There is no scope `{text.split()[0]}`.")
+    assert "`db-admin`, `payments-write`" in message and "/breakglass scopes" in message
+    assert "/breakglass paymnts-write" not in message.lower()  # no example with the typo
+
+
+def test_a_known_scope_or_a_complete_request_is_not_judged_by_the_parser() -> None:
+    with pytest.raises(CommandError, match="^A reason is required"):
+        parse_command("DB-Admin 30m", scopes=SCOPES)
+    with pytest.raises(CommandError, match="^Start with the scope"):
+        parse_command("30m", scopes=SCOPES)
+    # Complete: the service refuses the unknown scope (and audits the refusal).
+    assert isinstance(parse_command("paymnts-write 30m INC-1 down", scopes=SCOPES), RequestAccess)
+
+
 @pytest.mark.parametrize("text", ["30m payments-write outage", "30m"])
 def test_duration_first_is_explained(text: str) -> None:
     with pytest.raises(CommandError, match="Start with the scope"):

@@ -2,8 +2,9 @@
 
 ``parse_command`` turns the text after ``/breakglass`` into one of a few small
 frozen dataclasses, or raises :class:`CommandError` whose text says what was
-wrong and shows how to write it. Scope names are not checked against the
-policy here; the service does that.
+wrong and shows how to write it. Whether a scope may be requested is the
+service's question; given the policy's scope names, an incomplete request for a
+scope that does not exist is answered with that first.
 """
 
 from __future__ import annotations
@@ -284,7 +285,25 @@ def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN,
     if keyword in NOT_SCOPE_WORDS and keyword not in scopes:
         return Help(unknown=first)
 
-    scope = keyword
+    try:
+        return _request(first, args, incident_pattern)
+    except CommandError:
+        # A form that is incomplete and names a scope the policy does not have: say
+        # that first (the example would name the missing scope again). A complete
+        # one goes on to the service, which refuses it (and audits the refusal).
+        known = {name.lower() for name in scopes}
+        if known and keyword not in known and not _looks_like_duration(first):
+            names = ", ".join(f"`{n}`" for n in sorted(scopes))
+            raise CommandError(
+                f"There is no scope `{first}`. Scopes: {names}. `/breakglass scopes` lists the "
+                f"ones you may request; a request reads {EXAMPLE}."
+            ) from None
+        raise
+
+
+def _request(first: str, args: list[str], incident_pattern: str) -> RequestAccess:
+    """``/breakglass SCOPE DURATION REASON…`` (the scope not checked here)."""
+    scope = first.lower()
     if not args:
         if _looks_like_duration(first):
             raise CommandError(
@@ -301,7 +320,8 @@ def parse_command(text: str, incident_pattern: str = DEFAULT_INCIDENT_PATTERN,
             raise CommandError(
                 f"Start with the scope, then the duration and the reason: {EXAMPLE}"
             ) from None
-        raise CommandError(f"{exc}. For example: {_example_for(scope)}") from None
+        said = str(exc).replace(f"'{duration_word.lower()}'", f"'{duration_word}'", 1)  # as typed
+        raise CommandError(f"{said}. For example: {_example_for(scope)}") from None
 
     reason = normalize_reason(" ".join(args[1:]))
     if not reason:
