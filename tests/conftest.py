@@ -26,6 +26,8 @@ from typing import Any
 
 import pg_throwaway
 import pytest
+from helpers import webhooks_policy
+from webhook_receiver import Receiver
 
 from bot.local.sandbox import Sandbox
 
@@ -165,23 +167,68 @@ async def sandbox(tmp_path, database_url):
         await box.stop()
 
 
+class _Boxes:
+    """Sandboxes made by a test, each in a directory and on a database of its own."""
+
+    def __init__(self, tmp_path: Path, new_database: Callable[..., str], prefix: str) -> None:
+        self.tmp_path, self.new_database, self.prefix = tmp_path, new_database, prefix
+        self.boxes: list[Sandbox] = []
+
+    async def make(self, **options: Any) -> Sandbox:
+        directory = self.tmp_path / f"{self.prefix}{len(self.boxes)}"
+        directory.mkdir()
+        box = Sandbox(directory=directory, database_url=self.new_database(), **options)
+        await box.start()
+        self.boxes.append(box)
+        return box
+
+    async def close(self) -> None:
+        for box in self.boxes:
+            await box.stop()
+
+
 @pytest.fixture
 async def make_box(tmp_path: Path, new_database: Callable[..., str]
                    ) -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
     """Sandbox(**options), started, and stopped after the test (as many as a test needs)."""
-    boxes: list[Sandbox] = []
+    boxes = _Boxes(tmp_path, new_database, "box")
+    yield boxes.make
+    await boxes.close()
 
-    async def make(**options: Any) -> Sandbox:
-        directory = tmp_path / f"box{len(boxes)}"
-        directory.mkdir()
-        box = Sandbox(directory=directory, database_url=new_database(), **options)
-        await box.start()
-        boxes.append(box)
-        return box
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
+    """`await receivers(**options)`: a webhook receiver on loopback (tests/webhook_receiver.py)
+    with a secret of its own, stopped after the test."""
+    started: list[Receiver] = []
+
+    async def make(**options: Any) -> Receiver:
+        r = await Receiver(secret=secrets.token_hex(32).encode(), **options).start()
+        started.append(r)
+        return r
 
     yield make
-    for box in boxes:
-        await box.stop()
+    for r in started:
+        await r.stop()
+
+
+@pytest.fixture
+async def hooked_box(tmp_path: Path, new_database: Callable[..., str]
+                     ) -> AsyncIterator[Callable[..., Awaitable[Sandbox]]]:
+    """`await hooked_box((receiver, ["issued", …]), …, extra=policy_text, **options)`: a
+    started sandbox whose policy has a `[[webhooks]]` entry per receiver (its secret in an
+    environment variable of the box's own, as in production); a plain string among the
+    hooks is added to the policy as it is."""
+    boxes = _Boxes(tmp_path, new_database, "hooked")
+
+    async def hooked(*hooks: tuple[Receiver, list[str]] | str, extra: str = "",
+                     env: dict[str, str] | None = None, **options: Any) -> Sandbox:
+        policy, secrets_env = webhooks_policy(*hooks)
+        return await boxes.make(extra_policy=policy + extra, env=secrets_env | (env or {}),
+                                **options)
+
+    yield hooked
+    await boxes.close()
 
 
 # --------------------------------------------------------------------------- summary per backend

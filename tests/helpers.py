@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 from sqlalchemy import text
+from webhook_receiver import Receiver
 
 from bot.local.emulator import SentRequest, SlackEmulator
 from bot.local.sandbox import Sandbox
@@ -37,6 +39,30 @@ async def command(box: Sandbox, user: str, text: str) -> SentRequest:
     resp = await timed(box.slack.command(user, text))
     await box.settle()
     return resp
+
+
+def webhook_entry(url: str, env: str, events: list[str], **extra: str) -> str:
+    """One `[[webhooks]]` entry of a policy."""
+    lines = [f'url = "{url}"', f'secret_env = "{env}"', f"events = {json.dumps(events)}"]
+    lines += [f'{k} = "{v}"' for k, v in extra.items()]
+    return "\n[[webhooks]]\n" + "\n".join(lines) + "\n"
+
+
+def webhooks_policy(*hooks: tuple[Receiver, list[str]] | str) -> tuple[str, dict[str, str]]:
+    """Policy text with a `[[webhooks]]` entry per (receiver, events) (a string is taken
+    as policy text as it is), and the environment holding each entry's secret."""
+    env: dict[str, str] = {}
+    text = ""
+    for i, h in enumerate(hooks):
+        if isinstance(h, str):
+            text += h
+            continue
+        receiver, events = h
+        assert receiver.secret is not None
+        name = f"TEST_WEBHOOK_SECRET_{i}"
+        env[name] = receiver.secret.decode()
+        text += webhook_entry(receiver.url, name, events)
+    return text, env
 
 
 def free_port() -> int:

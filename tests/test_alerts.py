@@ -10,8 +10,7 @@ import asyncio
 import base64
 import json
 import re
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,33 +32,19 @@ MakeBox = Callable[..., Awaitable[Sandbox]]
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = await Receiver(secret=secrets.token_hex(32).encode()).start()
-    yield r
-    await r.stop()
+async def receiver(receivers: Callable[..., Awaitable[Receiver]]) -> Receiver:
+    return await receivers()
 
 
 @pytest.fixture
-async def make_box(tmp_path: Path, receiver: Receiver, new_database: Callable[..., str]
-                   ) -> AsyncIterator[MakeBox]:
+def make_box(hooked_box: MakeBox, receiver: Receiver) -> MakeBox:
     """A sandbox with `[alerts]` as given and a webhook listing `alert` and `refused`."""
-    boxes: list[Sandbox] = []
 
     async def make(alert_lines: str, **options: Any) -> Sandbox:
-        assert receiver.secret is not None
-        extra = (f"\n[alerts]\n{alert_lines}\n\n[[webhooks]]\nurl = \"{receiver.url}\"\n"
-                 'secret_env = "ALERTS_TEST_SECRET"\nevents = ["alert", "refused"]\n')
-        directory = tmp_path / f"box{len(boxes)}"
-        directory.mkdir()
-        box = Sandbox(directory=directory, extra_policy=extra, database_url=new_database(),
-                      env={"ALERTS_TEST_SECRET": receiver.secret.decode()}, **options)
-        await box.start()
-        boxes.append(box)
-        return box
+        return await hooked_box((receiver, ["alert", "refused"]),
+                                extra=f"\n[alerts]\n{alert_lines}\n", **options)
 
-    yield make
-    for box in boxes:
-        await box.stop()
+    return make
 
 
 def alert_posts(box: Sandbox) -> list[str]:

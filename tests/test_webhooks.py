@@ -7,21 +7,24 @@ the PagerDuty format, checkpoints to every webhook, and the policy's checks."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import command, timed
+from helpers import webhook_entry as hook
 from sqlalchemy import select
-from webhook_receiver import Receiver
 
 from bot import audit
 from bot.core.policy import PolicyError, parse_policy
@@ -33,56 +36,6 @@ JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
 REASON = "INC-4521 auth provider down"
 ALL = ["requested", "approved", "issued", "revealed", "used", "revoked", "expired", "refused",
        "alert", "cancelled"]
-
-MakeBox = Callable[..., Awaitable[Sandbox]]
-
-
-def hook(url: str, env: str, events: list[str], **extra: str) -> str:
-    lines = [f'url = "{url}"', f'secret_env = "{env}"', f"events = {json.dumps(events)}"]
-    lines += [f'{k} = "{v}"' for k, v in extra.items()]
-    return "\n[[webhooks]]\n" + "\n".join(lines) + "\n"
-
-
-@pytest.fixture
-async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
-    started: list[Receiver] = []
-
-    async def make(**options: Any) -> Receiver:
-        r = await Receiver(secret=secrets.token_hex(32).encode(), **options).start()
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        await r.stop()
-
-
-@pytest.fixture
-async def make_box(tmp_path: Path, new_database: Callable[..., str]) -> AsyncIterator[MakeBox]:
-    boxes: list[Sandbox] = []
-
-    async def make(*hooks: tuple[Receiver, list[str]] | str, **options: Any) -> Sandbox:
-        env, extra = {}, ""
-        for i, h in enumerate(hooks):
-            if isinstance(h, str):
-                extra += h
-                continue
-            receiver, events = h
-            name = f"TEST_WEBHOOK_SECRET_{i}"
-            assert receiver.secret is not None
-            env[name] = receiver.secret.decode()
-            extra += hook(receiver.url, name, events)
-        directory = tmp_path / f"box{len(boxes)}"
-        directory.mkdir()
-        box = Sandbox(directory=directory, extra_policy=extra + options.pop("extra", ""),
-                      env=env | options.pop("env", {}), database_url=new_database(), **options)
-        await box.start()
-        boxes.append(box)
-        return box
-
-    yield make
-    for box in boxes:
-        await box.stop()
 
 
 async def approve(box: Sandbox, rid: str, *users: str) -> None:
@@ -122,9 +75,9 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
 # --------------------------------------------------------------------------- delivery
 
 
-async def test_every_listed_event_is_signed_and_sent_in_audit_order(make_box, receivers):
+async def test_every_listed_event_is_signed_and_sent_in_audit_order(hooked_box, receivers):
     first, second = await receivers(), await receivers()
-    box = await make_box((first, ALL), (second, ["issued", "revoked"]))
+    box = await hooked_box((first, ALL), (second, ["issued", "revoked"]))
     rid = await issued(box)
     await command(box, ALICE, f"revoke {rid}")
 
@@ -152,19 +105,57 @@ async def test_every_listed_event_is_signed_and_sent_in_audit_order(make_box, re
     assert not any(JWT_RE.search(r.body.decode()) for r in first.received)
 
 
-async def test_a_signature_made_with_another_secret_does_not_verify(make_box, receivers):
+SCHEME = 'X-Breakglass-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>'
+
+
+def documented_signature(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The contract's §7.6 scheme, written out here (not the bot's code, not the receiver's)."""
+    return "v1=" + hmac.new(secret, timestamp.encode("ascii") + b"." + body,
+                            hashlib.sha256).hexdigest()
+
+
+async def test_a_delivery_carries_the_documented_signature_and_tampering_breaks_it(
+        hooked_box, receivers):
+    # The scheme as docs/policy.md (and the contract) write it: a change there fails here.
+    policy_doc = (Path(__file__).parents[1] / "docs/policy.md").read_text()
+    assert SCHEME in " ".join(policy_doc.split())
     receiver = await receivers()
-    box = await make_box((receiver, ["requested"]))
+    assert receiver.secret is not None
+    secret = receiver.secret
+    box = await hooked_box((receiver, ["requested", "approved"]))
     await command(box, ALICE, f"payments-write 30m {REASON}")
-    [r] = receiver.received
-    assert receiver.signature_ok(r)
-    receiver.secret = b"not the secret"
-    assert not receiver.signature_ok(r)
+    await approve(box, box.latest_request_id(), BOB)
+    await wait_until(lambda: len(receiver.received) == 2)
+    for r in receiver.received:  # the raw bytes and headers as they came over HTTP
+        ts, sig = r.headers["X-Breakglass-Timestamp"], r.headers["X-Breakglass-Signature"]
+        assert re.fullmatch(r"[0-9]+", ts) and abs(time.time() - int(ts)) < 60
+        assert re.fullmatch(r"v1=[0-9a-f]{64}", sig)
+        assert hmac.compare_digest(sig, documented_signature(secret, ts, r.body))
+        # Tampering with anything signed, or signing with anything else, does not verify.
+        flipped = bytes([r.body[0] ^ 1]) + r.body[1:]
+        forged = r.body.replace(b'"event": "', b'"event": "x').replace(b'"event":"', b'"event":"x')
+        assert forged != r.body
+        for wrong in (documented_signature(secret, ts, flipped),
+                      documented_signature(secret, ts, forged),
+                      documented_signature(secret, str(int(ts) + 1), r.body),
+                      documented_signature(secret, ts, r.body + b" "),
+                      documented_signature(b"not the secret", ts, r.body),
+                      "v1=" + hmac.new(secret, r.body, hashlib.sha256).hexdigest(),
+                      "v0=" + sig[3:]):
+            assert not hmac.compare_digest(sig, wrong)
+        # And a receiver that checks the scheme refuses the tampered copies.
+        assert receiver.signature_ok(r)
+        for body in (flipped, forged):
+            assert not receiver.signature_ok(replace(r, body=body))
+        assert not receiver.signature_ok(replace(r, headers={
+            **r.headers, "X-Breakglass-Timestamp": str(int(ts) - 1)}))
+    # Two deliveries, two signatures (different bodies; each with its own stamp).
+    assert len({r.headers["X-Breakglass-Signature"] for r in receiver.received}) == 2
 
 
-async def test_a_500_is_retried_with_backoff_and_order_is_kept(make_box, receivers):
+async def test_a_500_is_retried_with_backoff_and_order_is_kept(hooked_box, receivers):
     receiver = await receivers(script=[500, 502])
-    box = await make_box((receiver, ["requested", "approved"]))
+    box = await hooked_box((receiver, ["requested", "approved"]))
     box.bot.dispatcher.base_delay = 0.2
     await command(box, ALICE, f"payments-write 30m {REASON}")
     rid = box.latest_request_id()
@@ -178,9 +169,9 @@ async def test_a_500_is_retried_with_backoff_and_order_is_kept(make_box, receive
     assert all(receiver.signature_ok(r) for r in receiver.received)
 
 
-async def test_a_429_waits_for_its_retry_after(make_box, receivers):
+async def test_a_429_waits_for_its_retry_after(hooked_box, receivers):
     receiver = await receivers(script=[(429, {"Retry-After": "2"})])
-    box = await make_box((receiver, ["requested"]))
+    box = await hooked_box((receiver, ["requested"]))
     box.bot.dispatcher.base_delay = 0.05
     await command(box, ALICE, f"payments-write 30m {REASON}")
     await wait_until(lambda: len(receiver.delivered()) == 1)
@@ -189,9 +180,9 @@ async def test_a_429_waits_for_its_retry_after(make_box, receivers):
     assert second.at - first.at >= 1.9
 
 
-async def test_a_hanging_receiver_times_out_and_the_event_is_retried(make_box, receivers):
+async def test_a_hanging_receiver_times_out_and_the_event_is_retried(hooked_box, receivers):
     receiver = await receivers(script=["hang"])
-    box = await make_box(
+    box = await hooked_box(
         f'\n[[webhooks]]\nurl = "{receiver.url}"\nsecret_env = "HANG_SECRET"\n'
         'events = ["requested"]\ntimeout = "1s"\n',
         env={"HANG_SECRET": receiver.secret.decode()})  # type: ignore[union-attr]
@@ -204,10 +195,10 @@ async def test_a_hanging_receiver_times_out_and_the_event_is_retried(make_box, r
     assert time.monotonic() - started < 8
 
 
-async def test_a_4xx_is_dead_lettered_at_once_and_outbox_retry_sends_it(make_box, receivers,
+async def test_a_4xx_is_dead_lettered_at_once_and_outbox_retry_sends_it(hooked_box, receivers,
                                                                         monkeypatch):
     receiver = await receivers(script=[410])
-    box = await make_box((receiver, ["requested", "approved"]))
+    box = await hooked_box((receiver, ["requested", "approved"]))
     await command(box, ALICE, f"payments-write 30m {REASON}")
     rid = box.latest_request_id()
     await approve(box, rid, BOB)  # a dead row does not hold up its lane
@@ -230,9 +221,9 @@ async def test_a_4xx_is_dead_lettered_at_once_and_outbox_retry_sends_it(make_box
     assert [r["status"] for r in await outbox_rows(box, lane)] == ["sent", "sent"]
 
 
-async def test_after_max_attempts_an_event_is_dead_lettered(make_box, receivers):
+async def test_after_max_attempts_an_event_is_dead_lettered(hooked_box, receivers):
     receiver = await receivers(script=[503, 503, 503])
-    box = await make_box((receiver, ["requested"]))
+    box = await hooked_box((receiver, ["requested"]))
     box.bot.dispatcher.base_delay = 0.05
     box.bot.dispatcher.max_attempts = 3
     await command(box, ALICE, f"payments-write 30m {REASON}")
@@ -242,9 +233,9 @@ async def test_after_max_attempts_an_event_is_dead_lettered(make_box, receivers)
     assert len(receiver.received) == 3
 
 
-async def test_events_pending_at_a_restart_are_delivered_once_after_it(make_box, receivers):
+async def test_events_pending_at_a_restart_are_delivered_once_after_it(hooked_box, receivers):
     receiver = await receivers(script=[503] * 1000)
-    box = await make_box((receiver, ["requested", "approved", "issued"]))
+    box = await hooked_box((receiver, ["requested", "approved", "issued"]))
     rid = await _issue_without_settling(box)
     await box.stop_bot()  # the receiver still fails: everything is pending
     lane = lane_of(receiver.url)
@@ -275,10 +266,10 @@ async def _issue_without_settling(box: Sandbox) -> str:
     return rid
 
 
-async def test_pagerduty_gets_events_api_v2_trigger_events(make_box, receivers):
+async def test_pagerduty_gets_events_api_v2_trigger_events(hooked_box, receivers):
     pd = await receivers(path="/v2/enqueue")
     routing_key = secrets.token_hex(16)
-    box = await make_box(
+    box = await hooked_box(
         f'\n[[webhooks]]\nurl = "{pd.url}"\nformat = "pagerduty"\n'
         'routing_key_env = "TEST_PD_KEY"\nevents = ["issued"]\n',
         env={"TEST_PD_KEY": routing_key})
@@ -299,9 +290,9 @@ async def test_pagerduty_gets_events_api_v2_trigger_events(make_box, receivers):
     assert routing_key not in stored
 
 
-async def test_a_checkpoint_goes_to_every_webhook_whatever_its_list(make_box, receivers):
+async def test_a_checkpoint_goes_to_every_webhook_whatever_its_list(hooked_box, receivers):
     receiver = await receivers()
-    box = await make_box((receiver, ["issued"]))
+    box = await hooked_box((receiver, ["issued"]))
     async with box.bot.db.transaction() as conn:
         await audit.append(conn, box.bot.audit_key, at=box.bot.clock.now(), actor="breakglass",
                            event="checkpoint", details={"seq": 1, "mac": "0" * 64})
@@ -311,9 +302,9 @@ async def test_a_checkpoint_goes_to_every_webhook_whatever_its_list(make_box, re
     assert receiver.delivered()[0]["details"] == {"seq": 1, "mac": "0" * 64}
 
 
-async def test_webhooks_do_not_hold_up_slack(make_box, receivers):
+async def test_webhooks_do_not_hold_up_slack(hooked_box, receivers):
     receiver = await receivers(script=["hang"] * 3)
-    box = await make_box(
+    box = await hooked_box(
         f'\n[[webhooks]]\nurl = "{receiver.url}"\nsecret_env = "S"\nevents = ["requested"]\n'
         'timeout = "3s"\n', env={"S": "x"})
     resp = await timed(box.slack.command(ALICE, f"payments-write 30m {REASON}"))
@@ -407,7 +398,7 @@ async def test_serve_exits_2_naming_the_missing_secret_variable(tmp_path):
 # --------------------------------------------------------------------------- the example receiver
 
 
-async def test_the_example_receiver_checks_signatures_and_drops_repeats(make_box, tmp_path):
+async def test_the_example_receiver_checks_signatures_and_drops_repeats(hooked_box, tmp_path):
     import socket
 
     import aiohttp
@@ -427,7 +418,7 @@ async def test_the_example_receiver_checks_signatures_and_drops_repeats(make_box
         assert proc.stderr is not None and proc.stdout is not None
         assert b"listening" in await asyncio.wait_for(proc.stderr.readline(), 20)
         url = f"http://127.0.0.1:{port}/breakglass"
-        box = await make_box(hook(url, "EXAMPLE_SECRET", ["requested"]),
+        box = await hooked_box(hook(url, "EXAMPLE_SECRET", ["requested"]),
                              env={"EXAMPLE_SECRET": secret})
         await command(box, ALICE, f"payments-write 30m {REASON}")
         line = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
@@ -455,14 +446,14 @@ async def test_the_example_receiver_checks_signatures_and_drops_repeats(make_box
         await proc.wait()
 
 
-async def test_an_event_audited_by_another_process_is_sent_by_the_bot(make_box, receivers):
+async def test_an_event_audited_by_another_process_is_sent_by_the_bot(hooked_box, receivers):
     """A CLI command attaches the webhooks without their secrets (Webhooks.enqueue_only);
     what it audits is sent, signed, by the running bot."""
     from bot.delivery.webhooks import Webhooks
     from bot.store.db import Database
 
     receiver = await receivers()
-    box = await make_box((receiver, ["revoked"]))
+    box = await hooked_box((receiver, ["revoked"]))
     other = Database(box.database_url)  # another process's connection pool
     try:
         Webhooks.enqueue_only(box.bot.policy.webhooks).attach(other)
