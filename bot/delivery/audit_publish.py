@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -45,6 +45,7 @@ from ..core.clock import Clock
 from ..core.tokens import SigningKey
 from ..store.db import Database
 from ..store.schema import audit_log
+from ..store.times import aware
 from . import outbox
 
 EVENT = "checkpoint"
@@ -91,12 +92,12 @@ async def _due(conn: AsyncConnection, now: datetime, every_events: int, every: t
         return None
     if fresh >= every_events:
         return Head(seq, mac)
-    if since_at is not None and now - _aware(since_at) >= every:
+    if since_at is not None and now - aware(since_at) >= every:
         return Head(seq, mac)
     first_security = await conn.scalar(
         select(c.at).where(and_(c.seq > since_seq, c.event.in_(SECURITY_EVENTS)))
         .order_by(c.seq).limit(1))
-    if first_security is not None and now - _aware(first_security) >= gather:
+    if first_security is not None and now - aware(first_security) >= gather:
         return Head(seq, mac)
     return None
 
@@ -167,12 +168,6 @@ async def published_heads(db: Database) -> list[tuple[int, str]]:
             details = row["details"]
             out.append((int(details["seq"]), str(details["mac"])))
     return out
-
-
-def _aware(value: datetime | str) -> datetime:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 __all__ = ["EVENT", "EVENTS", "EVERY", "EVERY_EVENTS", "GATHER", "SECURITY_EVENTS", "WITHIN",

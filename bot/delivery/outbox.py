@@ -63,7 +63,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -80,6 +80,7 @@ from ..core.clock import Clock
 from ..store.db import Database
 from ..store.schema import outbox, slack_messages
 from ..store.sqlite_driver import LockedError, stored_datetime
+from ..store.times import aware as _aware
 
 log = logging.getLogger(__name__)
 
@@ -828,7 +829,3 @@ def _lease_for(client: Any) -> timedelta:
     if isinstance(timeout, int | float) and timeout > 0:
         return timedelta(seconds=float(timeout)) + LEASE_MARGIN
     return LEASE
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

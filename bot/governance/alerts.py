@@ -51,6 +51,7 @@ from ..delivery import outbox
 from ..store import requests as store
 from ..store.db import Database
 from ..store.schema import alert_counters
+from ..store.times import aware
 
 __all__ = [
     "ALERT_PREFIX", "CHECKPOINT_MISMATCH", "KEY_ROTATED", "MASTER_KEY_ROTATED", "QUIET_HOURS",
@@ -166,7 +167,7 @@ async def on_uses(conn: AsyncConnection, audit_key: bytes, policy: Policy,
             await conn.execute(alert_counters.insert().values(key=key, window_start=minute,
                                                               count=n))
         else:
-            start = _aware(row[0])
+            start = aware(row[0])
             before = int(row[1]) if start == minute else 0
             await conn.execute(update(alert_counters).where(alert_counters.c.key == key)
                                .values(window_start=minute, count=before + n))
@@ -190,11 +191,3 @@ async def prune_use_counters(db: Database, now: datetime) -> int:
             alert_counters.c.key.like(f"{USES_PREFIX}%"),
             alert_counters.c.window_start < now - USES_KEEP)))
     return int(result.rowcount or 0)
-
-
-def _aware(value: datetime | str) -> datetime:
-    from datetime import UTC
-
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

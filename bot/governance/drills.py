@@ -40,18 +40,13 @@ from ..slack import blocks
 from ..store import requests as store
 from ..store.periodic import claim_run
 from ..store.schema import periodic_runs, requests, slack_messages
+from ..store.times import aware
 
 if TYPE_CHECKING:
     from ..service import Service, _Writes
 
 REMINDER = "drill_reminder"  # its row in periodic_runs
 REMIND_EVERY = timedelta(days=1)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ async def card_posted_at(conn: AsyncConnection, req: Request) -> datetime:
     `posted_at` existed), the request's opening time stands in."""
     posted = await conn.scalar(select(slack_messages.c.posted_at)
                                .where(slack_messages.c.key == f"card:{req.id}"))
-    return _aware(posted) or req.created_at
+    return aware(posted) or req.created_at
 
 
 async def times_of(conn: AsyncConnection, req: Request) -> Times:
@@ -115,7 +110,7 @@ async def last_rehearsed(conn: AsyncConnection) -> dict[str, datetime]:
         .where(and_(requests.c.drill.is_(True),
                     requests.c.revealed_at.is_not(None)))
         .group_by(requests.c.scope))).all()
-    return {scope: at for scope, at in ((s, _aware(a)) for s, a in rows) if at is not None}
+    return {scope: at for scope, at in ((s, aware(a)) for s, a in rows) if at is not None}
 
 
 @dataclass(frozen=True)
@@ -164,7 +159,7 @@ async def remind(service: Service, now: datetime) -> int:
     if every is None:
         return 0
     async with service.db.read() as conn:  # the common case: not due, and no write lock
-        last = _aware(await conn.scalar(select(periodic_runs.c.last_run_at)
+        last = aware(await conn.scalar(select(periodic_runs.c.last_run_at)
                                         .where(periodic_runs.c.name == REMINDER)))
     if last is not None and last > now - REMIND_EVERY:
         return 0

@@ -33,7 +33,6 @@ import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, select, update
@@ -47,6 +46,7 @@ from ..slack import blocks
 from ..store import closures
 from ..store import requests as store
 from ..store.schema import decisions, requests
+from ..store.times import aware as _aware
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -62,12 +62,6 @@ YieldTo = Callable[[], Awaitable[None]] | None
 class Reconciled:
     revoked: int = 0
     cancelled: int = 0
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 async def reconcile_policy(service: Service, yield_to: YieldTo = None) -> Reconciled:

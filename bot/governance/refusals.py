@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, select, update
@@ -42,6 +42,7 @@ from ..delivery import outbox
 from ..store import requests as store
 from ..store.db import Database
 from ..store.schema import alert_counters, refusals
+from ..store.times import aware
 from . import alerts
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class Summariser:
             await store.lock_requester(conn, user)
             last = (await conn.execute(select(alert_counters.c.last_at)
                                        .where(alert_counters.c.key == key))).first()
-            if last is not None and not rules.summary_due(_aware(last[0]), now):
+            if last is not None and not rules.summary_due(aware(last[0]), now):
                 return 0
             rows = (await conn.execute(
                 select(refusals.c.id, refusals.c.at, refusals.c.code, refusals.c.scope)
@@ -182,7 +183,7 @@ class Summariser:
                                .values(state=SUMMARISED))
             codes = Counter(str(r[2]) for r in rows)
             scopes = sorted({str(r[3]) for r in rows if r[3]})
-            first, latest = _aware(rows[0][1]), _aware(rows[-1][1])
+            first, latest = aware(rows[0][1]), aware(rows[-1][1])
             await audit.append(conn, self.audit_key, at=now, actor=user, event="refused",
                                details={"summary": True, "count": len(rows),
                                         "codes": dict(codes), "scopes": scopes,
@@ -205,9 +206,3 @@ class Summariser:
         async with self.db.transaction() as conn:
             await conn.execute(delete(refusals).where(
                 and_(refusals.c.at < now - keep, refusals.c.state != PENDING)))
-
-
-def _aware(value: datetime | str) -> datetime:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

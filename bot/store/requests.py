@@ -14,12 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..core.domain import Request, State, TriggerResult
 from . import closures
 from .schema import decisions, requests
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+from .times import aware
 
 
 def to_request(row: Any, decided: list[tuple[str, str]]) -> Request:
@@ -35,22 +30,22 @@ def to_request(row: Any, decided: list[tuple[str, str]]) -> Request:
         requested_ttl=timedelta(seconds=row.requested_ttl_s),
         ttl=timedelta(seconds=row.ttl_s),
         state=State(row.state),
-        created_at=_aware(row.created_at),  # type: ignore[arg-type]
-        expires_at=_aware(row.expires_at),  # type: ignore[arg-type]
+        created_at=aware(row.created_at),
+        expires_at=aware(row.expires_at),
         triggers=tuple(TriggerResult.from_dict(t) for t in json.loads(row.triggers or "[]")),
         approvals=approvals,
         denied_by=denied,
-        closed_at=_aware(row.closed_at),
+        closed_at=aware(row.closed_at),
         closed_by=row.closed_by,
         jti=row.jti,
         kid=row.kid,
-        issued_at=_aware(row.issued_at),
-        token_expires_at=_aware(row.token_expires_at),
-        revealed_at=_aware(row.revealed_at),
+        issued_at=aware(row.issued_at),
+        token_expires_at=aware(row.token_expires_at),
+        revealed_at=aware(row.revealed_at),
         drill=bool(row.drill),
-        command_at=_aware(row.command_at),
-        escalated_at=_aware(row.escalated_at),
-        warned_at=_aware(row.warned_at),
+        command_at=aware(row.command_at),
+        escalated_at=aware(row.escalated_at),
+        warned_at=aware(row.warned_at),
         overdue_reviews=tuple(json.loads(row.overdue_reviews)) if row.overdue_reviews else (),
         extra={"grant": json.loads(row.grant)} if row.grant else {},
     )

@@ -10,18 +10,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..core.domain import Request, State
 from ..core.reviews import ReviewState, Timeline
-from .requests import _aware, find_grant_id, load
+from .requests import find_grant_id, load
 from .schema import decisions, requests, reviews, token_uses
 from .sqlite_driver import stored_datetime
+from .times import aware
 
 
 def _to_review(row: Any) -> ReviewState:
     return ReviewState(
         request_id=row.request_id, requester=row.requester, scope=row.scope,
-        ended_at=_aware(row.ended_at),  # type: ignore[arg-type]
-        due_at=_aware(row.due_at),  # type: ignore[arg-type]
-        reviewed_at=_aware(row.reviewed_at), reviewed_by=row.reviewed_by, summary=row.summary,
-        reminded_at=_aware(row.reminded_at), alerted_at=_aware(row.alerted_at))
+        ended_at=aware(row.ended_at),
+        due_at=aware(row.due_at),
+        reviewed_at=aware(row.reviewed_at), reviewed_by=row.reviewed_by, summary=row.summary,
+        reminded_at=aware(row.reminded_at), alerted_at=aware(row.alerted_at))
 
 
 async def insert_reviews(conn: AsyncConnection, opened: list[ReviewState]) -> None:
@@ -138,9 +139,9 @@ async def timeline(conn: AsyncConnection, req: Request) -> Timeline:
     return Timeline(
         request_id=req.id, scope=req.scope, requester=req.requester, incident=req.incident,
         requested_at=req.created_at,
-        decisions=tuple((u, d, _aware(at)) for u, d, at in decided),  # type: ignore[misc]
+        decisions=tuple((u, d, aware(at)) for u, d, at in decided),
         issued_at=req.issued_at, revealed_at=req.revealed_at,
-        first_use_at=_aware(used[0]), uses=int(used[1] or 0),
+        first_use_at=aware(used[0]), uses=int(used[1] or 0),
         ended=req.state.value, ended_at=req.closed_at, ended_by=req.closed_by)
 
 
