@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -117,6 +117,8 @@ class Draft:
 GrantsEnded = Callable[["_Writes", Sequence[Request]], Awaitable[None]]
 # Makes the text of an outbox row queued unrendered (payload `render`), at send time.
 Renderer = Callable[[dict[str, Any]], Awaitable[Rendered | None]]
+# The public name of a use case's writes, for the use cases in bot/governance/.
+Writes = _Writes
 
 
 class Service:
@@ -191,8 +193,8 @@ class Service:
     # For the use cases that live beside this one (bot/governance/): the same transaction
     # with its audit events and outbox rows, the same audited refusal.
 
-    def write(self) -> Any:
-        """`async with service.write() as w:` one use case's transaction (see `_Writes`)."""
+    def write(self) -> AbstractAsyncContextManager[Writes]:
+        """`async with service.write() as w:` one use case's transaction (see `Writes`)."""
         return self._write()
 
     def record(self, w: _Writes, actor: str, event: str, details: dict[str, Any],
@@ -203,6 +205,10 @@ class Service:
     def post_incident(self, w: _Writes, text: str) -> None:
         """A post to the incident channel, sent once `w` commits."""
         self._incident(w, text)
+
+    def post_card(self, w: _Writes, req: Request, scope: Scope | None) -> None:
+        """The approval card of `req` edited to how it stands, once `w` commits."""
+        self._card(w, req, scope)
 
     async def refuse(self, actor: str, refusal: Refusal, details: dict[str, Any],
                      request_id: str | None = None) -> Refusal:

@@ -7,7 +7,7 @@ An alert is three things written together, inside the caller's transaction:
 * through that audit row, a webhook event `alert` to every webhook listing it
   (`bot/delivery/webhooks.py` hooks the audit log, so nothing more is needed).
 
-Use from a use case that collects its writes (``service._Writes``, or anything with
+Use from a use case that collects its writes (``service.Writes``, or anything with
 ``events`` and ``rows`` lists)::
 
     alerts.raise_alert(w, now, channel, alerts.RELOAD_REFUSED,
@@ -65,7 +65,7 @@ USES_KEEP = timedelta(minutes=10)  # a use counts in its clock minute; a row thi
 
 
 class Writes(Protocol):
-    """What a use case's transaction collects (``service._Writes`` is one)."""
+    """What a use case's transaction collects (``service.Writes`` is one)."""
 
     events: list[audit.AuditEvent]
     rows: list[dict[str, Any]]

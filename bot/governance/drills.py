@@ -43,7 +43,7 @@ from ..store.schema import periodic_runs, requests, slack_messages
 from ..store.times import aware
 
 if TYPE_CHECKING:
-    from ..service import Service, _Writes
+    from ..service import Service, Writes
 
 REMINDER = "drill_reminder"  # its row in periodic_runs
 REMIND_EVERY = timedelta(days=1)
@@ -77,7 +77,7 @@ async def times_of(conn: AsyncConnection, req: Request) -> Times:
                  req.issued_at, req.revealed_at)
 
 
-async def at_reveal(service: Service, w: _Writes, req: Request, now: datetime) -> None:
+async def at_reveal(service: Service, w: Writes, req: Request, now: datetime) -> None:
     """Called in the transaction that reveals (or delivers) a token: a drill's times go
     to the incident channel and into the audit log (event `drill`)."""
     if not req.drill or req.issued_at is None:
@@ -163,7 +163,7 @@ async def remind(service: Service, now: datetime) -> int:
                                         .where(periodic_runs.c.name == REMINDER)))
     if last is not None and last > now - REMIND_EVERY:
         return 0
-    async with service._write() as w:  # noqa: SLF001 - a use case's transaction
+    async with service.write() as w:
         if not await claim_run(w.conn, REMINDER, now, REMIND_EVERY):
             return 0
         due = await overdue(w.conn, service.policy, now)

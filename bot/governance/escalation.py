@@ -77,7 +77,7 @@ async def _escalate_one(service: Service, request_id: str, scope_name: str,
     if scope is None:
         return 0
     fallback = await service.fallback_approvers(scope)  # may ask Slack: outside the transaction
-    async with service._write() as w:  # noqa: SLF001 - a use case's transaction
+    async with service.write() as w:
         if not await store.mark_escalated(w.conn, request_id, now):
             return 0  # closed meanwhile, or another process escalated it
         req = await store.load(w.conn, request_id)
@@ -94,7 +94,7 @@ async def _escalate_one(service: Service, request_id: str, scope_name: str,
             request_id=req.id))
         w.rows.append(outbox.post_row(now, service.reviewer_channel, text,
                                       thread_key=card_key(req.id)))
-        service._card(w, req, scope)  # noqa: SLF001 - "escalated", fallback groups named
+        service.post_card(w, req, scope)  # "escalated", fallback groups named
         for user in asked:
             w.rows.append(outbox.post_row(
                 now, user, blocks.fallback_dm(req, tally, fallback_label), lane=dm_lane(user),

@@ -49,11 +49,12 @@ async def warn(service: Service, now: datetime) -> int:
 async def _warn_one(service: Service, req: Request, now: datetime) -> int:
     from ..service import dm_key, dm_lane
 
-    async with service._write() as w:  # noqa: SLF001 - a use case's transaction
+    async with service.write() as w:
         if not await store.mark_warned(w.conn, req.id, now):
             return 0  # closed meanwhile, or another process warned
         cur = await store.load(w.conn, req.id)
         assert cur is not None and cur.token_expires_at is not None
+        expires_at = cur.token_expires_at
         cur = store.moved(cur, cur.state, warned_at=now)
         lane = dm_lane(cur.requester)
         text = blocks.dm_warning_text(cur)
@@ -64,7 +65,7 @@ async def _warn_one(service: Service, req: Request, now: datetime) -> int:
             dm = blocks.dm_reveal(cur) if cur.state is State.ISSUED else blocks.dm_revealed(cur)
             w.rows.append(outbox.update_row(now, dm_key(cur.id), lane, text, dm))
         w.events.append(AuditEvent(at=now, actor="breakglass", event="expiry_warned", details={
-            "scope": cur.scope, "expires_at": cur.token_expires_at.isoformat(),
+            "scope": cur.scope, "expires_at": expires_at.isoformat(),
             **({"drill": True} if cur.drill else {})},
             request_id=cur.id))
     return 1
