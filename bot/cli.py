@@ -264,7 +264,6 @@ async def _keys(args: argparse.Namespace) -> int:
     from .delivery.webhooks import Webhooks
     from .governance.alerts import KEY_ROTATED, MASTER_KEY_ROTATED, raise_alert_in
     from .keys import AUDIT_KEY_NAME, KeyRing, WrongMasterKey, sealed_secret
-    from .store.db import Database
 
     url, master = _db_and_master()
     policy_path = os.environ.get("BREAKGLASS_POLICY") or "./breakglass.toml"
@@ -304,12 +303,9 @@ async def _keys(args: argparse.Namespace) -> int:
             await raise_alert_in(conn, audit_key, now, policy.slack.incident_channel, kind, text,
                                  {**details, "by": actor})
 
-    if args.keys_cmd == "rotate":
-        if (problem := preflight.database_to_create(url)) is not None:
-            raise Exit(2, problem)
-        db = Database(url)
-    else:
-        db = await _existing_db(url)  # re-encrypting the keys of no database is a mistake
+    # Rotating the keys of no database is a mistake (the wrong directory, a mistyped URL):
+    # a new database would take the rotation while every serve signs on with the old key.
+    db = await _existing_db(url)
     if no_alert:
         print(no_alert, file=sys.stderr)
     try:
@@ -756,7 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
              "Print a fresh random master key for BREAKGLASS_MASTER_KEY. Touches no database.")
     _command(ks, "rotate", "make a new signing key current",
              "Make a new signing key current; older keys stay in JWKS until their tokens "
-             "expire. Creates the database when there is none (its first key is made then).",
+             "expire. The database must exist (a rotation into a new one would protect "
+             "nothing).",
              ("BREAKGLASS_DATABASE_URL", "BREAKGLASS_MASTER_KEY", "BREAKGLASS_POLICY"))
     _command(ks, "rotate-master", "re-encrypt signing keys under a new master key",
              "Re-encrypt the signing keys and the audit key under a new master key: "

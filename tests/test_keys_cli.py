@@ -52,8 +52,11 @@ def one_clear_line(done: subprocess.CompletedProcess[str]) -> str:
 def env(tmp_path: Path) -> dict[str, str]:
     policy = tmp_path / "breakglass.toml"
     policy.write_text(sandbox_policy("http://127.0.0.1:9", "client-secret-for-tests"))
-    return {"BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bg.db'}",
+    made = {"BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bg.db'}",
             "BREAKGLASS_POLICY": str(policy), "BREAKGLASS_MASTER_KEY": new_master_key()}
+    done = breakglass("db", "upgrade", env=made)  # the bot's database, as serve would leave it
+    assert done.returncode == 0, done.stderr
+    return made
 
 
 async def key_rows(url: str) -> list[Any]:
@@ -114,6 +117,25 @@ async def test_rotation_by_the_cli_reaches_jwks_and_the_old_key_leaves(tmp_path:
         assert [k["kid"] for k in await _jwks(box)] == [new]  # last old token + leeway passed
     finally:
         await box.stop()
+
+
+@pytest.mark.parametrize("command", [("keys", "rotate"), ("keys", "rotate-master")])
+async def test_rotating_the_keys_of_no_database_is_refused_and_creates_none(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """The wrong directory or a mistyped URL: no new database takes the rotation while
+    every running serve goes on signing with the old key."""
+    policy = tmp_path / "breakglass.toml"
+    policy.write_text(sandbox_policy("http://127.0.0.1:9", "client-secret-for-tests"))
+    missing = tmp_path / "elsewhere.db"
+    done = await asyncio.to_thread(breakglass, *command, env={
+        "BREAKGLASS_DATABASE_URL": f"sqlite+aiosqlite:///{missing}",
+        "BREAKGLASS_POLICY": str(policy), "BREAKGLASS_MASTER_KEY": new_master_key(),
+        "BREAKGLASS_OLD_MASTER_KEY": new_master_key()})
+    assert done.returncode == 2
+    line = one_clear_line(done)
+    assert f"no database at {missing}" in line and "nothing was created" in line
+    assert "new signing key" not in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["breakglass.toml"]
 
 
 async def test_rotate_with_the_wrong_master_key(env: dict[str, str]) -> None:
