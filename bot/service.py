@@ -32,6 +32,7 @@ from .governance import alerts, drills, escalation, expiry, refusals
 from .governance.live_policy import LivePolicy
 from .keys import KeyRing
 from .slack import blocks, review_blocks
+from .store import closures
 from .store import requests as store
 from .store import reviews as review_store
 from .store.db import Database
@@ -692,7 +693,8 @@ class Service:
             token = self._mint(req)
             first = req.state is State.ISSUED
             # A retry after a crash mints again; the new hash replaces the old, so at most
-            # one token text of a request is ever valid.
+            # one token text of a request is valid (the old one closed in every process).
+            await closures.record_replaced(w.conn, req.id, tokens.token_hash(token), now)
             await w.conn.execute(
                 requests_table.update().where(requests_table.c.id == req.id)
                 .values(state=State.REVEALED.value, token_hash=tokens.token_hash(token),

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from helpers import command, timed
+import pytest
+from helpers import command, free_port, timed
 from sqlalchemy import select
 
 from bot.core.clock import OffsetClock
@@ -221,3 +222,158 @@ async def test_after_postgresql_drops_every_connection_the_bot_carries_on(
             await box.stop()
     finally:
         postgres.drop(name)
+
+
+# --------------------------------------------------------------------- reliability.md, more
+
+
+async def test_the_running_outbox_retries_and_leases_as_documented(sandbox: Sandbox) -> None:
+    """reliability.md: "retried with exponential backoff and jitter (1 s doubling up to
+    5 min)", "still fails after 8 attempts, is dead-lettered", "leased … for the Slack
+    client's timeout plus 5 s (15 s by default)". The bot as `serve` builds it."""
+    d = sandbox.bot.dispatcher
+    assert (d.base_delay, d.max_delay, d.max_attempts) == (1.0, 300.0, 8)
+    assert d.lease == timedelta(seconds=15)
+    for attempt, ceiling in ((1, 1.0), (2, 2.0), (4, 8.0), (9, 256.0), (10, 300.0), (30, 300.0)):
+        draws = [d._backoff(attempt) for _ in range(50)]  # noqa: SLF001
+        assert all(ceiling / 2 <= x <= ceiling for x in draws), (attempt, draws)
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+async def test_a_retried_message_dm_leaves_only_one_token_text_valid(
+        make_box: MakeBox, algorithm: str) -> None:
+    """reliability.md, The one window no outbox can close: "with `delivery = "message"` a
+    re-sent DM carries a freshly minted text whose hash replaces the first one, so at
+    most one token text of a request is ever valid". RS256 and EdDSA sign the same claims
+    to the same text; ES256 signatures are randomised, so there the texts differ."""
+    import re
+
+    box = await make_box(delivery="message", algorithm=algorithm)
+    await command(box, ALICE, f"payments-write 30m {REASON}")
+    rid = box.latest_request_id()
+    await approve(box, rid, BOB, CAROL)
+    jwt_re = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
+    [first] = {t for m in box.emulator.messages(ALICE) for t in jwt_re.findall(content(m))}
+    assert (await introspect(box, first))["active"] is True
+    # The outbox sends the DM again (its answer was lost): the text is minted afresh.
+    again = await box.bot.service.materialise_dm(
+        {"request_id": rid, "user": ALICE, "key": f"dm:{rid}"})
+    assert again is not None
+    [second] = set(jwt_re.findall(again.text + json.dumps(again.blocks or [])))
+    assert (await introspect(box, second))["active"] is True
+    if algorithm == "ES256":
+        assert second != first
+        # The replaced text is closed like a revoked one: within the 100 ms a revocation
+        # takes to reach every process, not whenever a cached answer is next re-read.
+        async def first_inactive() -> bool:
+            return (await introspect(box, first))["active"] is False
+        await until(first_inactive, 0.3, "the replaced token text still introspects active")
+        assert (await introspect(box, second))["active"] is True
+    else:
+        assert second == first
+        assert (await introspect(box, first))["active"] is True
+
+
+async def introspect(box: Sandbox, token: str) -> dict[str, Any]:
+    import base64
+
+    basic = base64.b64encode(f"payments-api:{box.client_secret}".encode()).decode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(box.url + "/oauth2/introspect", data={"token": token},
+                                headers={"Authorization": f"Basic {basic}"}) as resp:
+            assert resp.status == 200
+            return dict(await resp.json())
+
+
+async def test_a_rolled_back_change_sends_no_webhook_and_a_refused_port_is_retried(
+        hooked_box, receivers) -> None:
+    """reliability.md, Webhooks: "Sent if and only if audited … nothing is sent for a
+    change that was rolled back", and "a connection error … is retried"."""
+    from bot import audit
+    receiver = await receivers()
+    closed_url = f"http://127.0.0.1:{free_port()}/hook"  # nobody listens there
+    box = await hooked_box((receiver, ["alert"]), (_PlainReceiver(closed_url), ["alert"]))
+    box.bot.dispatcher.base_delay = 0.05
+    now = box.bot.clock.now()
+    try:
+        async with box.bot.db.transaction() as conn:
+            await audit.append(conn, box.bot.audit_key, at=now, actor="breakglass",
+                               event="alert", details={"kind": "test", "text": "rolled back"})
+            raise _Abort
+    except _Abort:
+        pass
+    async with box.bot.db.transaction() as conn:
+        await audit.append(conn, box.bot.audit_key, at=now, actor="breakglass",
+                           event="alert", details={"kind": "test", "text": "kept"})
+    box.bot.dispatcher.wake()
+    await until(lambda: len(receiver.delivered()) == 1, 5, "the committed alert not sent")
+    assert [r.json["details"]["text"] for r in receiver.received] == ["kept"]
+    rows = [r for r in await _outbox(box) if r["lane"] == lane_of(closed_url)]
+    assert len(rows) == 1 and "rolled back" not in json.dumps(rows[0]["payload"])
+
+    async def retried() -> bool:
+        [row] = [r for r in await _outbox(box) if r["lane"] == lane_of(closed_url)]
+        return bool(row["attempts"] >= 2 and row["status"] == "pending")
+
+    await until(retried, 10, "a refused connection was not retried")
+
+
+class _Abort(Exception):
+    pass
+
+
+class _PlainReceiver:
+    """A webhook entry for a URL nobody answers (webhooks_policy needs a url and secret)."""
+
+    def __init__(self, url: str) -> None:
+        import secrets
+
+        self.url = url
+        self.secret: bytes | None = secrets.token_hex(16).encode()
+
+
+async def test_healthz_names_the_sha256_of_the_running_policy(sandbox: Sandbox) -> None:
+    """operations.md, Health: "`policy_sha256` is the SHA-256 of the policy text this
+    process runs (compare it across replicas after a reload)"."""
+    import hashlib
+
+    async def health() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(sandbox.url + "/healthz") as resp:
+                assert resp.status == 200
+                return dict(await resp.json())
+
+    got = await health()
+    assert got["policy_sha256"] == hashlib.sha256(sandbox.policy_text.encode()).hexdigest()
+    assert (got["status"], got["database"], got["mode"], got["signing_keys"]) == (
+        "ok", True, "http", "ok")
+    changed = sandbox.policy_text + "\n# reviewed 2026-12-01\n"
+    assert (await sandbox.bot.reload_policy(changed)).outcome == "reloaded"
+    assert (await health())["policy_sha256"] == hashlib.sha256(changed.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------- policy.md
+
+
+async def test_a_quorum_a_usergroup_cannot_reach_is_refused_at_request_time(
+        make_box: MakeBox) -> None:
+    """policy.md, Quorum: "With a `usergroup` the pool is only known live, so the check
+    happens at request time instead: when fewer people than `quorum`, not counting the
+    requester, could approve, the request is refused (*needs 2 approvals from people
+    other than you, but its approver groups have only 1 such member(s)*)"."""
+    extra = ('\n[groups.tiny]\nusergroup = "S0TINY"\n\n[scopes.tiny-write]\n'
+             'description = "A scope with a small live approver pool"\naudience = "tiny-api"\n'
+             'permissions = ["tiny:write"]\nrequesters = ["oncall"]\napprovers = ["tiny"]\n'
+             "quorum = 2\n")
+    box = await make_box(extra_policy=extra)
+    box.emulator.set_usergroup("S0TINY", [ALICE, BOB])
+    resp = await command(box, ALICE, f"tiny-write 10m {REASON}")
+    said = json.dumps(resp.json) + json.dumps(
+        [r.body for r in box.emulator.responses if r.url == resp.response_url])
+    assert ("needs 2 approvals from people other than you, but its approver groups have "
+            "only 1 such member(s)") in said
+    assert not any("tiny-write" in m.text for m in box.emulator.messages(REVIEWS))
+    box.emulator.set_usergroup("S0TINY", [ALICE, BOB, CAROL])
+    box.bot.directory._cache.clear()  # noqa: SLF001 - Slack's answer is cached for a minute
+    await command(box, ALICE, f"tiny-write 10m {REASON}")
+    assert any("tiny-write" in m.text for m in box.emulator.messages(REVIEWS))

@@ -37,6 +37,17 @@ async def record(conn: AsyncConnection, request_id: str, at: datetime) -> None:
         .where(requests.c.id == request_id, requests.c.token_hash.is_not(None))))
 
 
+async def record_replaced(conn: AsyncConnection, request_id: str, new_hash: str,
+                          at: datetime) -> None:
+    """In the transaction that re-mints a request's token text (a retried `message` DM):
+    the text it replaces is closed like a revoked one, in every process."""
+    await conn.execute(insert(token_closures).from_select(
+        ["token_hash", "closed_at"],
+        select(requests.c.token_hash, literal(at, token_closures.c.closed_at.type))
+        .where(requests.c.id == request_id, requests.c.token_hash.is_not(None),
+               requests.c.token_hash != new_hash)))
+
+
 async def record_many(conn: AsyncConnection, request_ids: Sequence[str], at: datetime) -> None:
     """`record` for many requests closed in one statement (a policy reload's batch)."""
     if request_ids:
