@@ -337,6 +337,8 @@ def modal_values(scope: str, duration: str, reason: str) -> dict[str, Any]:
     (ALICE, "payments-write", "30", "INC-4521 down", "duration", "15m"),
     (ALICE, "payments-write", "-5m", "INC-4521 down", "duration", "15m"),
     (ALICE, "payments-write", "0m", "INC-4521 down", "duration", "15m"),
+    (ALICE, "payments-write", "", "INC-4521 down", "duration", "Enter a duration, like 90s"),
+    (ALICE, "payments-write", "30 M", "INC-4521 down", "duration", "'30 M' is not a duration"),
     (ALICE, "payments-write", "30m", "   ", "reason", "INC-4521"),
     (ALICE, "payments-wrte", "30m", "INC-4521 down", "scope", "/breakglass scopes"),
     (MALLORY, "payments-write", "30m", "INC-4521 down", "scope", "Ask one of its members"),
@@ -351,6 +353,18 @@ async def test_modal_bad_input(box: Sandbox, user: str, scope: str, duration: st
         return str(resp.json["errors"].get(field, resp.json["errors"]))
 
     await refused_unchanged(box, submit, expected)
+
+
+async def test_the_modal_takes_a_duration_as_the_command_does(box: Sandbox) -> None:
+    """`/breakglass payments-write 30M …` is 30m; so is 30M typed in the form (a phone's
+    keyboard capitalises it)."""
+    resp = await timed(box.slack.submit_view(ALICE, "bg_request_modal",
+                                             modal_values("payments-write", "30M", "INC-1 down")))
+    await box.settle()
+    assert not (resp.json or {}).get("errors"), resp.json
+    async with box.bot.db.read() as conn:
+        row = (await conn.execute(select(requests))).one()
+    assert (row.scope, row.ttl_s) == ("payments-write", 30 * 60)
 
 
 # --------------------------------------------------------------------------- revoke

@@ -262,10 +262,14 @@ class Handlers:
         scope, duration_text, reason = field("scope"), field("duration"), field("reason")
         errors: dict[str, str] = {}
         duration = None
-        try:
-            duration = parse_duration(duration_text)
-        except DurationError as exc:
-            errors["duration"] = str(exc)
+        if not duration_text:
+            errors["duration"] = "Enter a duration, like 90s, 15m, 1h or 1h30m."
+        else:
+            try:  # as the command takes it: `30M` is 30m (phones capitalise)
+                duration = parse_duration(duration_text.lower())
+            except DurationError as exc:
+                errors["duration"] = str(exc).replace(f"'{duration_text.lower()}'",
+                                                      f"'{duration_text}'", 1)
         if not scope:
             errors["scope"] = "Pick a scope."
         if not reason:
