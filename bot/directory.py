@@ -21,17 +21,30 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from slack_sdk.web.async_client import AsyncWebClient
 
 from .core.clock import Clock, SystemClock
 from .core.policy import Policy
-from .governance.live_policy import LivePolicy
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = timedelta(seconds=60)
 MAX_AGE = timedelta(minutes=10)
+
+
+class PolicyHolder(Protocol):
+    """What holds the running policy (`governance.live_policy.LivePolicy`), read each time
+    so a reload is seen; the directory needs nothing else of it."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    policy: Policy
 
 
 @dataclass(frozen=True)
@@ -49,10 +62,10 @@ class Membership:
 
 
 class Directory:
-    def __init__(self, policy: Policy | LivePolicy, client: AsyncWebClient | None,
+    def __init__(self, policy: Policy | PolicyHolder, client: AsyncWebClient | None,
                  ttl: timedelta = DEFAULT_TTL, *, max_age: timedelta = MAX_AGE,
                  clock: Clock | None = None) -> None:
-        self.live = LivePolicy.of(policy)
+        self.live: PolicyHolder = _Fixed(policy) if isinstance(policy, Policy) else policy
         self.client = client
         self.ttl = ttl
         self.max_age = max_age

@@ -4,6 +4,9 @@
   bot outside bot.core.
 * The storage layer (bot/store/, bot/audit.py, bot/keys.py, bot/delivery/outbox.py)
   never reaches up into the use cases or the adapters.
+* The ways out (bot/delivery/) and the infrastructure beside them (bot/directory.py,
+  bot/triggers.py) never import a use case (bot/governance/, bot/service.py), the
+  wiring or an adapter: what they need is passed in.
 * No production module imports bot/local/ (the emulator, the sandbox, the demo):
   the local Slack world is for `breakglass demo`, the tests and the benches. Only
   bot/cli.py may, for its `demo` command.
@@ -25,6 +28,8 @@ STORAGE_MODULES = ("bot/store/*.py", "bot/audit.py", "bot/keys.py", "bot/deliver
 STORAGE_FORBIDDEN = (
     "bot.slack", "bot.http", "bot.service", "bot.runtime", "bot.governance", "bot.introspection", "bot.local",
 )
+BELOW_USE_CASES = ("bot/delivery/*.py", "bot/directory.py", "bot/triggers.py")
+BELOW_USE_CASES_FORBIDDEN = STORAGE_FORBIDDEN
 LOCAL = "bot.local"
 # module -> why it may import bot.local
 LOCAL_ALLOWED = {"bot.cli": "the `breakglass demo` command runs bot.local.demo"}
@@ -137,3 +142,16 @@ def test_production_does_not_import_the_local_slack_world():
             if _under(name, LOCAL):
                 problems.append(f"{_where(path, line)} imports {name}")
     assert not problems, "production modules import bot.local:\n" + "\n".join(problems)
+
+
+def test_delivery_and_infrastructure_do_not_import_use_cases():
+    files: set[Path] = set()
+    for pattern in BELOW_USE_CASES:
+        files.update(ROOT.glob(pattern))
+    assert {p.name for p in files} >= {"outbox.py", "webhooks.py", "audit_slack.py", "directory.py"}
+    problems = []
+    for path in sorted(files):
+        for name, line in imports_of(path):
+            if any(_under(name, upper) for upper in BELOW_USE_CASES_FORBIDDEN):
+                problems.append(f"{_where(path, line)} imports {name}")
+    assert not problems, "delivery / infrastructure modules import an upper layer:\n" + "\n".join(problems)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 
 ALERT_PREFIX = ":rotating_light:"
+ACTOR = "breakglass"  # the audit actor of an alert
 
 # The kinds of alert, as written in the `alert` audit row's details ("kind").
 REQUESTS_PER_DAY = "max_requests_per_day"
@@ -128,12 +129,17 @@ def judge_refusal(in_last_hour: int, threshold: int | None, *, drill: bool = Fal
     return RefusalVerdict(individually=False, alert=False)
 
 
+def post_text(text: str) -> str:
+    """An alert's incident-channel post: `text` (mrkdwn, escaped by the caller) after the prefix."""
+    return f"{ALERT_PREFIX} *Alert:* {text}"
+
+
 def summary_due(last_summary: datetime | None, now: datetime) -> bool:
     return last_summary is None or now - last_summary >= SUMMARY_EVERY
 
 
 __all__ = [
-    "ALERT_PREFIX", "DEFAULT_REFUSALS_PER_HOUR", "KINDS", "QuietHours", "QuietHoursError",
+    "ACTOR", "ALERT_PREFIX", "DEFAULT_REFUSALS_PER_HOUR", "KINDS", "QuietHours", "QuietHoursError",
     "RefusalVerdict", "in_quiet_hours", "judge_refusal", "over_requests_per_day",
-    "over_uses_per_minute", "parse_quiet_hours", "summary_due",
+    "over_uses_per_minute", "parse_quiet_hours", "post_text", "summary_due",
 ]

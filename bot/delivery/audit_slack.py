@@ -34,11 +34,10 @@ from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select
 
 from .. import audit
-from ..core import checkpoint
+from ..core import alerts, checkpoint
 from ..core.events import ALERT
 from ..core.policy import Webhook
 from ..core.tokens import VerificationKey
-from ..governance import alerts
 from ..store.db import Database
 from ..store.schema import audit_log
 
@@ -210,7 +209,7 @@ def alert_text(lines: Sequence[str], most: int = 5) -> str:
     shown = [f"• {line}" for line in lines[:most]]
     if len(lines) > most:
         shown.append(f"• … and {len(lines) - most} more")
-    """The alert's text (bot.governance.alerts adds the `:rotating_light:` prefix)."""
+    """The alert's text (bot.core.alerts.post_text adds the `:rotating_light:` prefix)."""
     return ("*Audit checkpoint comparison failed*: `breakglass audit verify "
             "--slack` found the audit log no longer matching what the bot published:\n"
             + "\n".join(shown)

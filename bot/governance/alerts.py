@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from .. import audit
 from ..core import alerts as rules
 from ..core.alerts import (
+    ACTOR,
     ALERT_PREFIX,
     CHECKPOINT_MISMATCH,
     KEY_ROTATED,
@@ -44,6 +45,7 @@ from ..core.alerts import (
     REQUESTS_PER_DAY,
     REVIEW_OVERDUE,
     USES_PER_MINUTE,
+    post_text,
 )
 from ..core.events import ALERT
 from ..core.policy import Policy
@@ -54,12 +56,11 @@ from ..store.schema import alert_counters
 from ..store.times import aware
 
 __all__ = [
-    "ALERT_PREFIX", "CHECKPOINT_MISMATCH", "KEY_ROTATED", "MASTER_KEY_ROTATED", "QUIET_HOURS",
+    "ACTOR", "ALERT_PREFIX", "CHECKPOINT_MISMATCH", "KEY_ROTATED", "MASTER_KEY_ROTATED", "QUIET_HOURS",
     "RELOAD_REFUSED", "REQUESTS_PER_DAY", "REVIEW_OVERDUE", "USES_PER_MINUTE", "Writes",
-    "on_request", "on_uses", "prune_use_counters", "raise_alert", "raise_alert_in",
+    "on_request", "on_uses", "prune_use_counters", "post_text", "raise_alert", "raise_alert_in",
 ]
 
-ACTOR = "breakglass"
 USES_PREFIX = "uses:"  # alert_counters rows of `on_uses`: one per token ever used
 USES_KEEP = timedelta(minutes=10)  # a use counts in its clock minute; a row this old is done
 
@@ -73,10 +74,6 @@ class Writes(Protocol):
 
 def _details(kind: str, text: str, details: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**(details or {}), "kind": kind, "text": text}
-
-
-def post_text(text: str) -> str:
-    return f"{ALERT_PREFIX} *Alert:* {text}"
 
 
 def raise_alert(w: Writes, now: datetime, channel: str, kind: str, text: str,
