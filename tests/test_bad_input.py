@@ -355,6 +355,18 @@ async def test_modal_bad_input(box: Sandbox, user: str, scope: str, duration: st
     await refused_unchanged(box, submit, expected)
 
 
+async def test_the_form_for_someone_who_may_request_nothing_is_an_ephemeral_refusal(
+        box: Sandbox) -> None:
+    """Not a message in their DM with the bot: a refusal is ephemeral (contract §3)."""
+    views = len(box.emulator.views)
+    message = await refused_unchanged(box, lambda: command(box, MALLORY, ""),
+                                      "may not request any scope", "requester group")
+    assert len(box.emulator.views) == views  # no form opened
+    assert box.emulator.messages(MALLORY) == []
+    [reply] = [r for r in box.emulator.responses if "may not request" in r.body.get("text", "")]
+    assert reply.body["response_type"] == "ephemeral" and message
+
+
 async def test_the_modal_takes_a_duration_as_the_command_does(box: Sandbox) -> None:
     """`/breakglass payments-write 30M …` is 30m; so is 30M typed in the form (a phone's
     keyboard capitalises it)."""

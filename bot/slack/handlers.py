@@ -226,22 +226,23 @@ class Handlers:
 
     async def _open_modal(self, user: str, trigger_id: str, respond: AsyncRespond) -> None:
         try:
-            await self._open_modal_now(user, trigger_id)
+            refused = await self._open_modal_now(user, trigger_id)
         except Exception:  # noqa: BLE001 - the person is told
             log.exception("could not open the request form")
-            await respond(text=":warning: Slack could not open the request form. Type the "
-                          "request instead: `/breakglass SCOPE DURATION REASON…`",
-                          response_type="ephemeral", replace_original=False)
+            refused = (":warning: Slack could not open the request form. Type the request "
+                       "instead: `/breakglass SCOPE DURATION REASON…`")
+        if refused:  # a refusal is ephemeral (contract §3), not a message in the DM
+            await respond(text=refused, response_type="ephemeral", replace_original=False)
 
-    async def _open_modal_now(self, user: str, trigger_id: str) -> None:
+    async def _open_modal_now(self, user: str, trigger_id: str) -> str | None:
+        """Open the form; or the refusal, when there is no scope `user` may request."""
         allowed = [(n, s.description) for n, s, _ in await self._requestable(user)]
         if not allowed:
-            await self.client.chat_postMessage(
-                channel=user, text="You may not request any scope. Ask an admin to add you "
-                "to a requester group.")
-            return
+            return (":no_entry_sign: You may not request any scope, so there is no form to "
+                    "fill. Ask an admin to add you to a requester group.")
         view = blocks.request_modal(allowed, format_duration(self.service.policy.tokens.default_ttl))
         await self.client.views_open(trigger_id=trigger_id, view=view)
+        return None
 
     async def _requestable(self, user: str) -> list[Any]:
         out = []
