@@ -170,9 +170,14 @@ async def test_a_start_that_switches_algorithm_is_an_audited_rotation_once(world
         assert await a.stop() == 0
         assert await b.stop() == 0
 
-    # Started again with the same policy: the key exists, nothing more is rotated.
+    # Started again with the same policy: the key exists, nothing more is rotated. And
+    # SIGINT stops it as SIGTERM does (operations.md, Stopping): drained, exit 0.
     again = ServeProcess(env, world.tmp / "again.log")
     await again.start(timeout=60)
-    assert await again.stop() == 0
+    assert again.proc is not None
+    again.proc.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(again.proc.wait, 20) == 0
+    assert "stopping: draining requests and the outbox" in again.log_path.read_text()
+    await again.stop()
     assert len(await _rotations(world.url)) == 1
     assert len(await _keys(world.url)) == 2
