@@ -31,7 +31,7 @@ from .delivery.webhooks import KIND as WEBHOOK_KIND
 from .delivery.webhooks import Webhooks
 from .directory import Directory
 from .foreground import Foreground
-from .governance import alerts
+from .governance import alerts, reconcile
 from .governance.inventory import Inventory
 from .governance.key_watch import KeyWatch
 from .governance.live_policy import LivePolicy
@@ -127,6 +127,10 @@ class Runtime:
         return await self.reloader.reload_text(text, source="<reload_policy>", trigger="api",
                                                force=force)
 
+    async def _follow_up(self, payload: dict[str, Any], row_id: int) -> None:
+        """An outbox follow-up row of a revocation pass (`reconcile.follow_up`)."""
+        await reconcile.follow_up(self.service, payload, row_id)
+
     def on_sighup(self) -> None:
         """SIGHUP: reload the policy file and the signing keys now."""
         self._start(self._sighup())
@@ -166,7 +170,8 @@ class Runtime:
         self.dispatcher = Dispatcher(self.db, self.client, self.clock, self.service.materialise_dm,
                                      yield_to=self.foreground.wait,
                                      hold=self.service.passes.hold,
-                                     senders={WEBHOOK_KIND: self.webhooks.sender(self.http)})
+                                     senders={WEBHOOK_KIND: self.webhooks.sender(self.http)},
+                                     jobs={reconcile.JOB: self._follow_up})
         self.introspector = Introspector(self.service, self.keyring, self.live, self.clock)
         self.membership = MembershipRecheck(self.service, self.directory, self.foreground.wait)
         self.reloader = PolicyReloader(self)

@@ -39,7 +39,7 @@ from bot.governance import reconcile
 from bot.keys import KeyRing
 from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, REVIEWS, Sandbox
 from bot.runtime import Runtime
-from bot.store.schema import audit_log, reviews, token_closures
+from bot.store.schema import audit_log, outbox, reviews, token_closures
 
 SCOPE_BLOCK_START = "[scopes.payments-write]"
 
@@ -159,12 +159,15 @@ async def test_narrowed_grants_are_revoked_with_their_reason(sandbox: Sandbox) -
 async def test_a_reload_revoking_several_batches_opens_every_review_with_its_timeline(
         make_box: Any, monkeypatch: Any) -> None:
     """A reload's revocation pass works a batch at a time (`reconcile.BATCH`, 2 here),
-    and opens the reviews of a batch together, their timeline posts rendered when the
-    outbox sends them: every grant still gets its own thread under its card with its
-    own timeline (who approved, revealed or not, its uses), one `revoked` and one
-    `review_opened` audit row, its token closure, its DM edited and its announcement."""
+    and leaves the rest to follow-up rows (`reconcile.FOLLOW_UP` grants each, 1 and 3
+    here), which open the reviews of their grants together, their timeline posts
+    rendered when the outbox sends them: every grant still gets its own thread under
+    its card with its own timeline (who approved, revealed or not, its uses), one
+    `revoked` and one `review_opened` audit row, its token closure, its DM edited and
+    its announcement."""
     box = await make_box(rate_limit=20)
     monkeypatch.setattr(reconcile, "BATCH", 2)
+    monkeypatch.setattr(reconcile, "FOLLOW_UP", 1)
     used, used_token = await live_grant(box)
     assert (await introspect(box, used_token))["active"] is True  # one use
     revealed = [(await live_grant(box))[0] for _ in range(2)]
@@ -301,10 +304,31 @@ async def test_two_processes_reloading_revoke_each_grant_once(sandbox: Sandbox) 
         await second.stop(drain_seconds=2)
     for rid in grants:
         assert len(await audited(box, "revoked", rid)) == 1
+        assert len(await audited(box, "review_opened", rid)) == 1
         assert len(incident(box, "revoked", rid)) == 1
+        assert "revoked by a policy change" in content(dm(box, rid))
     assert len(await audited(box, "policy_reloaded")) == 2  # each process reloaded
     reloaded_posts = [m for m in box.emulator.messages(INCIDENT) if "*policy reloaded*" in m.text]
     assert len(reloaded_posts) == 1  # announced once
+
+
+async def test_a_follow_up_runs_once_however_often_it_is_delivered(sandbox: Sandbox) -> None:
+    """A follow-up row delivered again (its lease ran out while the first delivery was
+    committing, or a second process took it) finds its row done and does nothing."""
+    box = sandbox
+    rid, _ = await live_grant(box)
+    await box.bot.reload_policy(without_payments(box.policy_text))
+    await box.settle()
+    async with box.bot.db.read() as conn:
+        jobs = (await conn.execute(select(outbox.c.id, outbox.c.payload, outbox.c.status)
+                                   .where(outbox.c.kind == reconcile.JOB))).all()
+    assert [(json.loads(p)["reasons"].keys(), s) for _, p, s in jobs] == [({rid}, "sent")]
+    await reconcile.follow_up(box.bot.service, json.loads(jobs[0].payload), jobs[0].id)
+    await box.settle()
+    assert len(await audited(box, "review_opened", rid)) == 1
+    assert len(incident(box, "revoked", rid)) == 1
+    async with box.bot.db.read() as conn:
+        assert await conn.scalar(select(func.count()).select_from(reviews)) == 1
 
 
 async def test_many_grants_are_announced_in_one_post_per_batch(sandbox: Sandbox) -> None:

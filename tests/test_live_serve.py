@@ -27,6 +27,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +344,71 @@ async def test_serve_membership_recheck_revokes(tmp_path: Path) -> None:
                                     "group" in t for t in bot.incident()), 10, "no revoked post")
         assert (await bot.introspect(token)) == {"active": False}
         await bot.stop()
+
+
+def seed_live_grants(db_path: Path, n: int) -> list[str]:
+    """n live (revealed) payments-write grants, written straight into the database as
+    the bot writes them (bench/reload.py does the same with 10,000)."""
+    now = datetime.now(UTC)
+    at = lambda d: d.strftime("%Y-%m-%d %H:%M:%S.%f")  # noqa: E731 - SQLAlchemy's SQLite format
+    grant = json.dumps({"audience": "payments-api",
+                        "permissions": ["payments:read", "payments:write"]})
+    ids = [f"RS{i:06d}" for i in range(n)]
+    with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db:
+        db.executemany(
+            "INSERT INTO requests (id, scope, requester, reason, incident, requested_ttl_s, "
+            "ttl_s, state, triggers, created_at, expires_at, jti, kid, issued_at, "
+            "token_expires_at, token_hash, revealed_at, \"grant\", version, drill) "
+            "VALUES (?, 'payments-write', ?, 'seeded', 'INC-1', 1800, 1800, 'revealed', '[]', "
+            "?, ?, ?, 'bg-seeded', ?, ?, ?, ?, ?, 2, 0)",
+            [(rid, f"U0SEED{i % 50:04d}", at(now), at(now + timedelta(minutes=30)),
+              os.urandom(16).hex(), at(now), at(now + timedelta(minutes=25)),
+              os.urandom(32).hex(), at(now), grant) for i, rid in enumerate(ids)])
+        db.commit()
+    return ids
+
+
+async def test_serve_killed_after_a_revocation_pass_finishes_its_follow_ups_after_restart(
+        tmp_path: Path) -> None:
+    """A reload's revocation pass commits what stops each token (state, closure, `revoked`
+    audit row) with follow-up rows in the outbox for the rest (DM and card edits, the
+    announcements, the reviews: `reconcile.follow_up`). serve is SIGKILLed the moment
+    every grant is revoked, with follow-ups still pending; after the restart every
+    grant gets its review and its announcement, each exactly once."""
+    n = 1000
+    async with Serve(tmp_path) as serve:
+        await serve.start()
+        ids = seed_live_grants(serve.db_path, n)
+        serve.policy_path.write_text(serve.policy_text.replace(
+            'permissions = ["payments:read", "payments:write"]', 'permissions = ["payments:read"]'))
+        serve.sighup()
+        await serve.until(lambda: serve.sql(
+            "SELECT count(*) FROM requests WHERE id LIKE 'RS%' AND state = 'revoked'")[0][0] == n,
+            60, "the pass never revoked every grant")
+        assert serve.proc is not None
+        serve.proc.kill()
+        serve.proc.wait()
+        pending = serve.sql("SELECT count(*) FROM outbox WHERE kind = 'revoked_batch' "
+                            "AND status = 'pending'")[0][0]
+        assert pending > 0, "every follow-up ran before the kill: nothing was tested"
+        assert len(serve.sql("SELECT * FROM audit_log WHERE event = 'revoked'")) == n
+
+        await serve.start()  # the same database: the follow-ups left are run now
+        await serve.until(lambda: serve.sql(
+            "SELECT count(*) FROM outbox WHERE kind = 'revoked_batch' AND status != 'sent'"
+        )[0][0] == 0, 60, "follow-ups not finished after the restart")
+        await serve.until(lambda: serve.sql("SELECT count(*) FROM reviews")[0][0] == n, 30,
+                          "not every grant got its review")
+        opened = serve.sql("SELECT request_id, count(*) FROM audit_log "
+                           "WHERE event = 'review_opened' GROUP BY request_id")
+        assert {rid for rid, _ in opened} == set(ids) and {c for _, c in opened} == {1}
+        revoked = serve.sql("SELECT request_id, count(*) FROM audit_log "
+                            "WHERE event = 'revoked' GROUP BY request_id")
+        assert {rid for rid, _ in revoked} == set(ids) and {c for _, c in revoked} == {1}
+
+        def announced() -> Counter[str]:
+            return Counter(rid for text in serve.incident() if "*revoked*" in text
+                           for rid in re.findall(r"RS\d{6}", text))
+        await serve.until(lambda: len(announced()) == n, 60, "not every revocation announced")
+        assert set(announced().values()) == {1}
+        await serve.stop()

@@ -47,6 +47,13 @@ fallback approver). While the named message's own post is still pending, the
 row waits for it; a message that was never posted is left out (the post goes
 to the channel, without the link).
 
+Follow-ups (`jobs`: kind -> function) are rows whose delivery is more database
+work rather than a Slack call: the rest of a revocation that ended thousands of
+grants at once (`reconcile.follow_up`: the edits, the announcements, the
+reviews). A job gets its row's id and marks the row done (`finish_job`) in its
+own transaction, as its first statement: a job that committed is never run
+again, one that did not is retried like any failed delivery.
+
 Token DMs (`token_dm`) hold no token: the dispatcher asks `materialise`
 for the text at send time, and the token is minted then. Rows queued
 unrendered (`render_row` edits, `render_post_row` posts: payload `render`) are
@@ -78,7 +85,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from .. import metrics
 from ..core.clock import Clock
 from ..store.db import Database
-from ..store.schema import outbox, slack_messages
+from ..store.schema import not_indexed, outbox, slack_messages
 from ..store.sqlite_driver import LockedError, stored_datetime
 from ..store.times import aware as _aware
 
@@ -220,6 +227,17 @@ _Retry, _Dead = Retry, Dead
 
 # Delivers one row of another channel's kind (e.g. "webhook"); raises Retry or Dead.
 Sender = Callable[[dict[str, Any]], Awaitable[None]]
+# Does one follow-up row's database work (payload, row id); see `finish_job`.
+Job = Callable[[dict[str, Any], int], Awaitable[None]]
+
+
+async def finish_job(conn: AsyncConnection, row_id: int, now: datetime) -> bool:
+    """In a job's transaction, first: mark its row done. False when it is done already
+    (another process ran it): the job then does nothing."""
+    result = await conn.execute(
+        update(outbox).where(and_(outbox.c.id == row_id, outbox.c.status == "pending"))
+        .values(status="sent", sent_at=now, last_error=None))
+    return bool(result.rowcount)
 
 
 class Outcome(enum.Enum):
@@ -271,9 +289,11 @@ class Dispatcher:
         yield_to: Callable[[], Awaitable[None]] | None = None,
         hold: Callable[[], Awaitable[None]] | None = None,
         senders: dict[str, Sender] | None = None,
+        jobs: dict[str, Job] | None = None,
     ) -> None:
         self.db = db
         self.senders = dict(senders or {})  # kind -> sender, for rows that are not Slack's
+        self.jobs = dict(jobs or {})  # kind -> follow-up (database work, no Slack call)
         self.client = client
         self.clock = clock
         self.materialise = materialise
@@ -401,7 +421,8 @@ class Dispatcher:
             self._known, self._absent = {}, set()
             if ids:
                 await conn.execute(
-                    update(outbox).where(and_(outbox.c.id.in_(ids), outbox.c.status == "pending"))
+                    update(outbox)
+                    .where(and_(outbox.c.id.in_(ids), not_indexed(outbox.c.status) == "pending"))
                     .values(next_attempt_at=now + self.lease, attempts=outbox.c.attempts + 1)
                 )
                 keys = {k for rs in by_lane.values() for r in rs if (k := _key_of(r["payload"]))}
@@ -458,7 +479,8 @@ class Dispatcher:
                     async with self.db.transaction() as conn:
                         await conn.execute(
                             update(outbox)
-                            .where(and_(outbox.c.id.in_(rest), outbox.c.status == "pending"))
+                            .where(and_(outbox.c.id.in_(rest),
+                                        not_indexed(outbox.c.status) == "pending"))
                             .values(next_attempt_at=self.clock.now(),
                                     attempts=outbox.c.attempts - 1)
                         )
@@ -527,6 +549,10 @@ class Dispatcher:
         sender = self.senders.get(kind)
         if sender is not None:
             await sender(p)
+            return None
+        job = self.jobs.get(kind)
+        if job is not None:
+            await job(p, row_id)
             return None
         if kind == "post":
             key = p.get("key")
@@ -719,7 +745,8 @@ class Dispatcher:
             inserted = await _record_posts(conn, posted, now)
             if rest:
                 await conn.execute(
-                    update(outbox).where(and_(outbox.c.id.in_(rest), outbox.c.status == "pending"))
+                    update(outbox)
+                    .where(and_(outbox.c.id.in_(rest), not_indexed(outbox.c.status) == "pending"))
                     .values(next_attempt_at=now + self.lease))
         self._known.update({k: posted[k] for k in inserted})
 

@@ -6,24 +6,28 @@ its reason, and every pending request for a scope that is gone is cancelled.
 `membership.MembershipRecheck` revokes through `revoke_many` too.
 
 Thousands of grants can end at once (a scope removed in the middle of a large
-incident). The live grants are read `SCAN` at a time, and those to end are
-closed in batches of `BATCH` (50: a batch holds the event loop for tens of
-milliseconds, not hundreds), each one transaction: a conditional
-`UPDATE … WHERE id IN (…) AND state IN ('issued', 'revealed') RETURNING *`,
-their token closures, an audit row per grant, the outbox rows (card, the
-holder's DM edited so no token text stays in Slack, the incident post), and
-their post-incident reviews, opened for the whole batch at once
-(`Service.on_grant_end`: one insert, a `review_opened` row each, the timeline
-posts rendered when they are sent). Of two processes reconciling at once,
-each grant is matched by exactly one `UPDATE`, so it is revoked, audited,
-reviewed and announced once. Two batches are in flight (`LANES`): while one
-waits for its commit's fsync, the next one's transaction runs. Between
-batches the pass waits for the foreground (`Foreground.wait`), so Slack's
-requests are answered first; while
-it runs the outbox holds its sends (`foreground.Passes`, at most
-`MAX_HOLD`), so the pass that stops the tokens is not slowed by the messages
-about it. More than `FEW` grants ended for one reason in one batch are
-announced in one incident post that lists them, instead of one post each.
+incident), and what matters first is that their tokens stop working. The
+live grants are read `SCAN` at a time (each distinct scope and grant judged
+once), and those to end are closed in batches of `BATCH`, each one
+transaction holding what stops the tokens: a conditional
+`UPDATE … WHERE id IN (…) AND state IN ('issued', 'revealed')`, their token
+closures (every replica's introspection hears of them), a `revoked` audit row
+per grant, and follow-up rows in the outbox (`JOB`, `FOLLOW_UP` grants each).
+Of two processes reconciling at once, each grant is matched by exactly one
+`UPDATE`, so it is revoked and audited once.
+
+The rest is done by the follow-ups (`follow_up`), which the outbox runs once
+the pass is over, each in one transaction that first marks its row done (so
+once across processes, and after a crash by whichever process is alive):
+the holder's DM edited so no token text stays in Slack and the approval card
+(both rendered when sent), the incident posts (more than `FEW` grants ended
+for one reason in one follow-up are announced in one post that lists them),
+and the grants' post-incident reviews (`Service.on_grant_end`).
+
+Two batches are in flight (`LANES`): while one waits for its commit's fsync,
+the next one's transaction runs. Between batches the pass waits for the
+foreground (`Foreground.wait`), so Slack's requests are answered first; while
+it runs the outbox holds its sends (`foreground.Passes`, at most `MAX_HOLD`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,20 +43,23 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..core.domain import Request, State
-from ..core.grants import outlived
+from ..core.grants import outlived_grant, outlived_lifetime
 from ..delivery import outbox
 from ..delivery.outbox import Rendered
 from ..slack import blocks
 from ..store import closures
 from ..store import requests as store
-from ..store.schema import decisions, requests
+from ..store.schema import decisions, not_indexed, requests
 from ..store.times import aware as _aware
 
 if TYPE_CHECKING:
     from ..service import Service
 
-BATCH = 50
+BATCH = 100
 LANES = 2  # batches in flight: one's fsync overlaps the next one's transaction
+FOLLOW_UP = 25  # grants per follow-up row: each one's transaction holds the loop briefly
+JOB = "revoked_batch"  # outbox kind of the follow-up rows (`follow_up`)
+JOB_LANE = "job:revoked"  # one lane: the follow-ups run one after another, in order
 SCAN = 1000  # live grants read at a time to decide which the new policy outlives
 FEW = 3
 YieldTo = Callable[[], Awaitable[None]] | None
@@ -68,6 +75,9 @@ async def reconcile_policy(service: Service, yield_to: YieldTo = None) -> Reconc
     policy = service.policy  # one policy for the whole pass, even if another reload comes
     now = service.clock.now()
     revoke: dict[str, str] = {}
+    # Grants are alike by the thousand (one scope, one grant): each distinct one is
+    # parsed and judged once.
+    verdicts: dict[tuple[str, str | None, bool], str | None] = {}
     after = ""
     while True:  # the live grants a page at a time, so no read holds the loop for long
         if after and yield_to is not None:
@@ -78,15 +88,17 @@ async def reconcile_policy(service: Service, yield_to: YieldTo = None) -> Reconc
                        requests.c.token_expires_at, requests.c.drill)
                 .where(and_(store.live_tokens(), requests.c.id > after))
                 .order_by(requests.c.id).limit(SCAN))).all()
-        for row in live:
-            grant = json.loads(row.grant) if row.grant else {}
-            why = outlived(policy, row.scope, grant, _aware(row.token_expires_at), now,
-                           drill=bool(row.drill))
+        for rid, scope, grant, expires_at, drill in live:
+            key = (scope, grant, bool(drill))
+            if key not in verdicts:
+                verdicts[key] = outlived_grant(policy, scope, json.loads(grant) if grant else {},
+                                               drill=bool(drill))
+            why = verdicts[key] or outlived_lifetime(policy, scope, _aware(expires_at), now)
             if why is not None:
-                revoke[row.id] = why
+                revoke[rid] = why
         if len(live) < SCAN:
             break
-        after = live[-1].id
+        after = live[-1][0]
     async with service.db.read() as conn:
         pending = (await conn.execute(
             select(requests.c.id, requests.c.scope)
@@ -98,15 +110,17 @@ async def reconcile_policy(service: Service, yield_to: YieldTo = None) -> Reconc
     return Reconciled(revoked, cancelled)
 
 
-async def _close(conn: AsyncConnection, ids: list[str], src: list[State], dst: State,
-                 **values: Any) -> list[Any]:
+async def _close(conn: AsyncConnection, ids: list[str], src: list[State], dst: State, *,
+                 columns: Sequence[Any] = tuple(requests.c), **values: Any) -> list[Any]:
     """Move those of `ids` still in `src` to `dst`; the rows this statement moved, as
-    they are now (every column: `_moved` makes them requests without reading again)."""
+    they are now (`columns` of them; every column: `_moved` makes them requests
+    without reading again)."""
     result = await conn.execute(
         update(requests)
-        .where(and_(requests.c.id.in_(ids), requests.c.state.in_([s.value for s in src])))
+        .where(and_(requests.c.id.in_(ids),
+                    not_indexed(requests.c.state).in_([s.value for s in src])))
         .values(state=dst.value, version=requests.c.version + 1, **values)
-        .returning(*requests.c))
+        .returning(*columns))
     return list(result)
 
 
@@ -126,8 +140,8 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
     process revoked (a grant already closed, here or elsewhere, is left alone).
 
     Per grant, in its batch's transaction: the state change, its token closure, its
-    audit row, and two outbox edits rendered when they are sent (`render`): the
-    holder's DM (the token text removed, the reason given) and the approval card."""
+    audit row, and its share of a follow-up row (`follow_up`: the DM and card edits,
+    the announcement, the review)."""
     ids = list(reasons)
     if not ids:
         return 0
@@ -161,21 +175,47 @@ async def _revoke_batches(service: Service, ids: list[str], reasons: Mapping[str
 
 async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str, str],
                         actor: str) -> int:
+    """What stops the tokens, in one transaction: the state change, the token closures,
+    an audit row per grant, and the follow-up rows (`follow_up`) that do the rest."""
     now = service.clock.now()
     async with service._write() as w:
-        moved = await _close(w.conn, batch, [State.ISSUED, State.REVEALED],
-                             State.REVOKED, closed_at=now, closed_by=actor)
+        moved = await _close(w.conn, batch, [State.ISSUED, State.REVEALED], State.REVOKED,
+                             columns=(requests.c.id, requests.c.scope, requests.c.drill),
+                             closed_at=now, closed_by=actor)
         if not moved:
             return 0
         # Every process's introspection cache hears of it (store/closures.py).
         await closures.record_many(w.conn, [r.id for r in moved], now)
-        by_reason: dict[str, list[Any]] = defaultdict(list)
+        for r in moved:
+            service._audit(w, actor, "revoked", {"scope": r.scope, "why": reasons[r.id],
+                                                 "via": actor}, r.id, drill=bool(r.drill))
+        for start in range(0, len(moved), FOLLOW_UP):
+            w.rows.append(outbox.row(now, lane=JOB_LANE, kind=JOB, payload={
+                "actor": actor, "reasons": {r.id: reasons[r.id]
+                                            for r in moved[start:start + FOLLOW_UP]}}))
+    return len(moved)
+
+
+async def follow_up(service: Service, payload: Mapping[str, Any], row_id: int) -> None:
+    """The rest of revoking `payload["reasons"]` (request id -> why), run by the outbox
+    (`Dispatcher.jobs`) once the pass is over, in one transaction that first marks its
+    row done (`outbox.finish_job`), so it happens once across processes and restarts:
+    each holder's DM and each card edited (rendered when sent: no token text stays in
+    Slack), the incident posts, and the grants' post-incident reviews
+    (`Service.on_grant_end`)."""
+    reasons: dict[str, str] = dict(payload.get("reasons") or {})
+    actor = str(payload.get("actor") or "policy")
+    now = service.clock.now()
+    async with service._write() as w:
+        if not await outbox.finish_job(w.conn, row_id, now):
+            return
+        rows = (await w.conn.execute(
+            select(requests).where(requests.c.id.in_(list(reasons))).order_by(requests.c.id))).all()
+        ended = await _moved(w.conn, rows) if rows else []
+        by_reason: dict[str, list[Request]] = defaultdict(list)
         channel = service.reviewer_channel
-        ended = await _moved(w.conn, moved)
         for req in ended:
             why = reasons[req.id]
-            service._audit(w, actor, "revoked", {"scope": req.scope, "why": why, "via": actor},
-                           req.id, drill=req.drill)
             w.rows.append(outbox.render_row(now, f"dm:{req.id}", f"dm:{req.requester}",
                                             "dm_closed", request_id=req.id, why=why))
             w.rows.append(outbox.render_row(now, f"card:{req.id}", channel, "card",
@@ -190,7 +230,7 @@ async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str
                         w, blocks.incident_revoked(req) + f" ({blocks.escape(why)})")
             else:
                 service._incident(w, blocks.incident_bulk_revoked(group, actor, why))
-    return len(moved)
+    service.wake_outbox()
 
 
 async def render(service: Service, payload: Mapping[str, Any]) -> Rendered | None:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
+from sqlalchemy.sql.elements import ColumnElement
 
 metadata = MetaData()
 
@@ -232,3 +233,17 @@ reviews = Table(
 )
 Index("ix_reviews_requester_due", reviews.c.requester, reviews.c.due_at)
 Index("ix_reviews_due", reviews.c.reviewed_at, reviews.c.due_at)
+
+
+def not_indexed(column: Column[str]) -> ColumnElement[str]:
+    """`column` as an expression, so SQLite will not answer a condition on it from an index.
+
+    `WHERE id IN (…50 ids…) AND state IN ('issued', 'revealed')`: without table
+    statistics SQLite guesses that an indexed equality matches ~10 rows and picks
+    `ix_requests_state_expires` over the primary key, then walks every live grant (or
+    every pending outbox row) for each batch: 2.1 ms instead of 0.35 ms per 50-row
+    update with 10,000 live grants, and worse the more there are. `state || ''` is the
+    same value and keeps the primary key the only way in (PostgreSQL plans by its
+    statistics and is not misled either way)."""
+    return column.concat("")
+
