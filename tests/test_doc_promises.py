@@ -137,6 +137,7 @@ async def test_a_webhook_redirect_is_dead_lettered_at_once_and_408_425_are_retri
     slow = await receivers(script=[408, 425])
     box = await hooked_box((moved, ["requested"]), (slow, ["requested"]))
     box.bot.dispatcher.base_delay = 0.05
+    before = await webhook_counts(box)
     await command(box, ALICE, f"payments-write 30m {REASON}")
     await until(lambda: len(slow.delivered()) == 1, 10, "408/425 not retried to a delivery")
     await box.settle()
@@ -145,6 +146,23 @@ async def test_a_webhook_redirect_is_dead_lettered_at_once_and_408_425_are_retri
     assert len(moved.received) == 1 and elsewhere.received == []
     [row] = [r for r in await _outbox(box) if r["lane"] == lane_of(moved.url)]
     assert row["status"] == "dead" and row["attempts"] == 1 and "307" in row["last_error"]
+    # operations.md: "Webhook deliveries are counted under `kind="webhook"` in the outbox
+    # metrics": one sent, two retries, one dead letter (the counters are per process).
+    after = await webhook_counts(box)
+    assert {k: after[k] - before[k] for k in after} == {"sent": 1, "retries": 2, "dead": 1}
+
+
+async def webhook_counts(box: Sandbox) -> dict[str, float]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(box.metrics_url) as resp:
+            metrics = await resp.text()
+
+    def value(name: str) -> float:
+        prefix = f'breakglass_outbox_{name}_total{{kind="webhook"}} '
+        found = [line for line in metrics.splitlines() if line.startswith(prefix)]
+        return float(found[0][len(prefix):]) if found else 0.0
+
+    return {"sent": value("sent"), "retries": value("retries"), "dead": value("dead_letters")}
 
 
 async def test_no_webhook_secret_is_stored_anywhere_in_the_database(hooked_box, receivers
