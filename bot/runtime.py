@@ -181,7 +181,8 @@ class Runtime:
         self.reviews = Reviews(self.service)
         self.inventory = Inventory(self.service)
         self.handlers = Handlers(self.service, self.client, self.spawn, self.reviews,
-                                 self.inventory)
+                                 self.inventory, respond_at=lambda url: PooledRespond(
+                                     response_url=url, session=self.http))
         self.bolt = build_app(self.handlers, self.client, s.signing_secret, self.http)
         self.bolt.middleware(self._only_our_workspace)  # Socket Mode's check (HTTP: http.py)
         self.web = build_web_app(self)

@@ -367,6 +367,35 @@ async def test_the_form_for_someone_who_may_request_nothing_is_an_ephemeral_refu
     assert reply.body["response_type"] == "ephemeral" and message
 
 
+async def test_a_form_refused_after_its_probes_is_told_ephemerally(box: Sandbox) -> None:
+    """The triggers are probed after Slack has the form's answer: the refusal goes to the
+    response_url of the command that opened the form (ephemeral), not into a DM."""
+    box.probes.status["auth"] = 200  # the auth provider is healthy
+    opened = await timed(box.slack.command(ALICE, ""))
+    await box.settle()
+    before = await world(box)
+    resp = await timed(box.slack.submit_view(
+        ALICE, "bg_request_modal", modal_values("payments-write", "30m", "INC-4521 down")))
+    await box.settle()
+    assert not (resp.json or {}).get("errors")
+    [reply] = [r for r in box.emulator.responses if r.url == opened.response_url]
+    assert reply.body["response_type"] == "ephemeral"
+    assert "does not hold" in reply.body["text"] and "normal access path" in reply.body["text"]
+    assert reply.body.get("replace_original") is not True
+    assert box.emulator.messages(ALICE) == []  # nothing in her DM
+    after = await world(box)
+    assert after.requests == before.requests and after.tokens == 0
+    assert len(incident_posts(box, "refused")) == 1  # as for the typed command
+
+    # A form that carries no response_url (opened by an older version): told by DM.
+    await timed(box.slack.submit_view(ALICE, "bg_request_modal",
+                                      modal_values("payments-write", "30m", "INC-4521 down"),
+                                      private_metadata=""))
+    await box.settle()
+    [told] = box.emulator.messages(ALICE)
+    assert "does not hold" in told.text
+
+
 async def test_the_modal_takes_a_duration_as_the_command_does(box: Sandbox) -> None:
     """`/breakglass payments-write 30M …` is 30m; so is 30M typed in the form (a phone's
     keyboard capitalises it)."""

@@ -244,13 +244,16 @@ def token_modal(req: Request, token: str) -> dict[str, Any]:
     }
 
 
-def request_modal(scopes: Sequence[tuple[str, str]], default_duration: str) -> dict[str, Any]:
+def request_modal(scopes: Sequence[tuple[str, str]], default_duration: str, *,
+                  response_url: str = "") -> dict[str, Any]:
+    """The request form; `response_url` (the command's) comes back with the submission."""
     options = [{"text": {"type": "plain_text", "text": name[:75]},
                 "description": {"type": "plain_text", "text": desc[:75] or name[:75]},
                 "value": name} for name, desc in scopes]
     return {
         "type": "modal",
         "callback_id": REQUEST_MODAL,
+        "private_metadata": response_url[:3000],
         "title": {"type": "plain_text", "text": "Break-glass access"},
         "submit": {"type": "plain_text", "text": "Request"},
         "close": {"type": "plain_text", "text": "Cancel"},

@@ -53,8 +53,11 @@ async def _text_or_refusal(text: Awaitable[str], what: str) -> str:
 
 class Handlers:
     def __init__(self, service: Service, client: AsyncWebClient, spawn: Spawn,
-                 reviews: Reviews, inventory: Inventory) -> None:
+                 reviews: Reviews, inventory: Inventory,
+                 respond_at: Callable[[str], AsyncRespond] | None = None) -> None:
         self.service = service
+        # respond() for a response_url kept by a form (the runtime's: on its shared pool)
+        self.respond_at = respond_at or (lambda url: AsyncRespond(response_url=url))
         self.client = client
         self.spawn = spawn
         self.reviews = reviews
@@ -74,7 +77,8 @@ class Handlers:
         if isinstance(cmd, CommandError | commands.Help):
             return
         if isinstance(cmd, commands.OpenModal):
-            self.spawn(self._open_modal(user, str(body.get("trigger_id", "")), respond))
+            self.spawn(self._open_modal(user, str(body.get("trigger_id", "")), respond,
+                                        str(body.get("response_url") or "")))
         elif isinstance(cmd, commands.ListScopes):
             self.spawn(self._reply(respond, self._scopes_text(user)))
         elif isinstance(cmd, commands.Status):
@@ -224,9 +228,10 @@ class Handlers:
 
     # -- the form -------------------------------------------------------------
 
-    async def _open_modal(self, user: str, trigger_id: str, respond: AsyncRespond) -> None:
+    async def _open_modal(self, user: str, trigger_id: str, respond: AsyncRespond,
+                          response_url: str) -> None:
         try:
-            refused = await self._open_modal_now(user, trigger_id)
+            refused = await self._open_modal_now(user, trigger_id, response_url)
         except Exception:  # noqa: BLE001 - the person is told
             log.exception("could not open the request form")
             refused = (":warning: Slack could not open the request form. Type the request "
@@ -234,13 +239,15 @@ class Handlers:
         if refused:  # a refusal is ephemeral (contract §3), not a message in the DM
             await respond(text=refused, response_type="ephemeral", replace_original=False)
 
-    async def _open_modal_now(self, user: str, trigger_id: str) -> str | None:
-        """Open the form; or the refusal, when there is no scope `user` may request."""
+    async def _open_modal_now(self, user: str, trigger_id: str, response_url: str) -> str | None:
+        """Open the form; or the refusal, when there is no scope `user` may request. The
+        form keeps the command's response_url: a refusal after it is submitted goes there."""
         allowed = [(n, s.description) for n, s, _ in await self._requestable(user)]
         if not allowed:
             return (":no_entry_sign: You may not request any scope, so there is no form to "
                     "fill. Ask an admin to add you to a requester group.")
-        view = blocks.request_modal(allowed, format_duration(self.service.policy.tokens.default_ttl))
+        view = blocks.request_modal(allowed, format_duration(self.service.policy.tokens.default_ttl),
+                                    response_url=response_url)
         await self.client.views_open(trigger_id=trigger_id, view=view)
         return None
 
@@ -294,13 +301,29 @@ class Handlers:
             await ack(response_action="errors", errors={"scope": "Busy right now; try again."})
             return
         await ack()
-        self.spawn(self._submit_from_modal(draft))
+        self.spawn(self._submit_from_modal(
+            draft, str(body.get("view", {}).get("private_metadata") or "")))
 
-    async def _submit_from_modal(self, draft: Any) -> None:
-        async def opened() -> str:
-            return self._opened_text(await self.service.submit(draft), draft)
-
-        text = await _text_or_refusal(opened(), "request from the form")
+    async def _submit_from_modal(self, draft: Any, response_url: str) -> None:
+        """The opened request is confirmed by DM (the form has no channel of its own); a
+        refusal (the probes, the rate limit…) is ephemeral, a reply to the command that
+        opened the form (contract §3), and a DM only when that reply cannot be made."""
+        try:
+            text = self._opened_text(await self.service.submit(draft), draft)
+        except Exception as exc:  # noqa: BLE001 - the person is told
+            if isinstance(exc, Refusal):
+                text = f":no_entry_sign: {exc.message}"
+            else:
+                log.exception("request from the form failed")
+                text = UNEXPECTED
+            if response_url.startswith(("https://", "http://")):
+                try:
+                    await self.respond_at(response_url)(
+                        text=text, response_type="ephemeral", replace_original=False)
+                    return
+                except Exception:  # noqa: BLE001 - e.g. the response_url's 30 minutes passed
+                    log.warning("the form's refusal could not be sent to its response_url; "
+                                "sent by DM")
         await self.client.chat_postMessage(channel=draft.requester, text=text)
 
     # -- buttons --------------------------------------------------------------
