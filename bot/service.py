@@ -199,9 +199,9 @@ class Service:
         return self._write()
 
     def record(self, w: _Writes, actor: str, event: str, details: dict[str, Any],
-               request_id: str | None = None) -> None:
-        """An audit event, written with the transaction `w`."""
-        self._audit(w, actor, event, details, request_id)
+               request_id: str | None = None, *, drill: bool = False) -> None:
+        """An audit event, written with the transaction `w` (`drill`: see `_audit`)."""
+        self._audit(w, actor, event, details, request_id, drill=drill)
 
     def post_incident(self, w: _Writes, text: str) -> None:
         """A post to the incident channel, sent once `w` commits."""

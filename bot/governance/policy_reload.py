@@ -153,8 +153,8 @@ class PolicyReloader:
         changes = "".join([f"; scopes removed: {', '.join(removed)}" if removed else "",
                            f"; scopes added: {', '.join(added)}" if added else ""])
         now = rt.clock.now()
-        async with rt.service._write() as w:
-            rt.service._audit(w, "breakglass", "policy_reloaded", {
+        async with rt.service.write() as w:
+            rt.service.record(w, "breakglass", "policy_reloaded", {
                 "old_sha256": old_sha, "sha256": new_sha, "trigger": trigger, "source": source,
                 "scopes": sorted(policy.scopes), "removed": removed, "added": added})
             w.rows.append(outbox.post_row(
@@ -179,13 +179,13 @@ class PolicyReloader:
         text = (f"policy reload refused: `{blocks.escape(source)}` does not validate, so the "
                 f"running policy (sha256 `{running[:12]}`) stays. Fix the file; "
                 f"`breakglass check-policy` lists every problem.\n{lines}{more}")
-        async with rt.service._write() as w:
+        async with rt.service.write() as w:
             # Every replica refuses the same file: the first to claim it audits and alerts
             # (one webhook `alert`, one incident); the others only log.
             if not await claim_run(w.conn, f"policy-refused:{running}:{sha}", now,
                                    REFUSAL_ALERT_AGAIN):
                 return ReloadResult("refused", sha, tuple(errors))
-            rt.service._audit(w, "breakglass", "policy_refused", {
+            rt.service.record(w, "breakglass", "policy_refused", {
                 "sha256": sha, "running_sha256": running, "trigger": trigger, "source": source,
                 "errors": errors[:50]})
             raise_alert(w, now, rt.live.policy.slack.incident_channel, RELOAD_REFUSED, text,

@@ -124,7 +124,7 @@ async def _close(conn: AsyncConnection, ids: list[str], src: list[State], dst: S
     return list(result)
 
 
-async def _moved(conn: AsyncConnection, moved: list[Any]) -> list[Request]:
+async def _moved(conn: AsyncConnection, moved: Sequence[Any]) -> list[Request]:
     """The requests `_close` moved, with their decisions (one read for the batch)."""
     decided: dict[str, list[tuple[str, str]]] = {r.id: [] for r in moved}
     for rid, user, decision in (await conn.execute(
@@ -178,7 +178,7 @@ async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str
     """What stops the tokens, in one transaction: the state change, the token closures,
     an audit row per grant, and the follow-up rows (`follow_up`) that do the rest."""
     now = service.clock.now()
-    async with service._write() as w:
+    async with service.write() as w:
         moved = await _close(w.conn, batch, [State.ISSUED, State.REVEALED], State.REVOKED,
                              columns=(requests.c.id, requests.c.scope, requests.c.drill),
                              closed_at=now, closed_by=actor)
@@ -187,7 +187,7 @@ async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str
         # Every process's introspection cache hears of it (store/closures.py).
         await closures.record_many(w.conn, [r.id for r in moved], now)
         for r in moved:
-            service._audit(w, actor, "revoked", {"scope": r.scope, "why": reasons[r.id],
+            service.record(w, actor, "revoked", {"scope": r.scope, "why": reasons[r.id],
                                                  "via": actor}, r.id, drill=bool(r.drill))
         for start in range(0, len(moved), FOLLOW_UP):
             w.rows.append(outbox.row(now, lane=JOB_LANE, kind=JOB, payload={
@@ -206,7 +206,7 @@ async def follow_up(service: Service, payload: Mapping[str, Any], row_id: int) -
     reasons: dict[str, str] = dict(payload.get("reasons") or {})
     actor = str(payload.get("actor") or "policy")
     now = service.clock.now()
-    async with service._write() as w:
+    async with service.write() as w:
         if not await outbox.finish_job(w.conn, row_id, now):
             return
         rows = (await w.conn.execute(
@@ -226,10 +226,10 @@ async def follow_up(service: Service, payload: Mapping[str, Any], row_id: int) -
         for why, group in by_reason.items():
             if len(group) <= FEW:
                 for req in group:
-                    service._incident(
+                    service.post_incident(
                         w, blocks.incident_revoked(req) + f" ({blocks.escape(why)})")
             else:
-                service._incident(w, blocks.incident_bulk_revoked(group, actor, why))
+                service.post_incident(w, blocks.incident_bulk_revoked(group, actor, why))
     service.wake_outbox()
 
 
@@ -261,16 +261,16 @@ async def cancel_many(service: Service, reasons: Mapping[str, str], *, actor: st
         if yield_to is not None:
             await yield_to()
         now = service.clock.now()
-        async with service._write() as w:
+        async with service.write() as w:
             moved = await _close(w.conn, ids[start:start + BATCH], [State.PENDING],
                                  State.CANCELLED, closed_at=now, closed_by=actor)
             for req in await _moved(w.conn, moved) if moved else []:
                 why = reasons[req.id]
-                service._audit(w, actor, "cancelled",
+                service.record(w, actor, "cancelled",
                                {"scope": req.scope, "why": why, "via": actor}, req.id,
                                drill=req.drill)
-                service._card(w, req, service.policy.scope_named(req.scope))
-                service._incident(
+                service.post_card(w, req, service.policy.scope_named(req.scope))
+                service.post_incident(
                     w, blocks.incident_cancelled(req) + f" ({blocks.escape(why)})")
                 w.rows.append(outbox.post_row(
                     now, req.requester, f"Your break-glass request {req.id} for {req.scope} was "

@@ -32,7 +32,7 @@ from ..core.policy import ReviewSettings
 from ..core.reviews import ReviewState
 from ..delivery import outbox
 from ..delivery.outbox import Rendered
-from ..service import Service, _Writes, card_key
+from ..service import Service, Writes, card_key
 from ..slack import review_blocks
 from ..store import requests as requests_store
 from ..store import reviews as store
@@ -70,7 +70,7 @@ class Reviews:
 
     # -- a grant ends -------------------------------------------------------------
 
-    async def grants_ended(self, w: _Writes, reqs: Sequence[Request]) -> None:
+    async def grants_ended(self, w: Writes, reqs: Sequence[Request]) -> None:
         """In the transaction that ended `reqs` (one, or a reload's batch): their reviews
         (one insert), a `review_opened` audit row each, and each timeline's post in the
         thread under its card. The post is queued unrendered and made when it is sent
