@@ -553,6 +553,31 @@ async def test_a_forged_checkpoint_from_a_person_or_an_echo_is_ignored(box: Sand
     assert alerts(box) == []
 
 
+async def test_an_older_unsigned_checkpoint_is_compared_and_counted_as_unsigned(
+        box: Sandbox) -> None:
+    """security-teams.md: "Older bots posted unsigned checkpoints (`… head is sequence N
+    with MAC …`); they are compared too, and counted as unsigned"."""
+    found = await published_flow(box)
+    seq, mac = found.seq - 1, await mac_of(box, found.seq - 1)
+    legacy = (f":ledger: Audit checkpoint: the audit log's head is sequence {seq} with MAC "
+              f"`{mac}`. Keep this message.")
+    box.emulator.post_as(BOT_USER_ID, INCIDENT, legacy)
+    run = await verify_slack(box)
+    assert run.code == 0, run.out + run.err
+    assert (f"2 audit checkpoint(s) in {INCIDENT}" in run.out
+            and "match the database (1 signed, 1 unsigned (older form))" in run.out), run.out
+    # An unsigned one that disagrees with the database fails like a signed one.
+    box.emulator.post_as(BOT_USER_ID, INCIDENT, legacy.replace(mac, "ee" * 32))
+    run = await verify_slack(box, "--no-alert")
+    assert run.code == 1 and f"the checkpoint of sequence {seq}" in run.out, run.out + run.err
+
+
+async def mac_of(box: Sandbox, seq: int) -> str:
+    async with box.bot.db.read() as conn:
+        return str((await conn.execute(text(f"SELECT mac FROM audit_log WHERE seq = {seq}"))
+                    ).scalar_one())
+
+
 async def test_a_checkpoint_with_a_bad_signature_fails(box: Sandbox) -> None:
     """Someone holding the bot token posts a checkpoint: without the signing key it fails."""
     import aiohttp

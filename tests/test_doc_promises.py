@@ -471,3 +471,16 @@ async def test_rotate_master_without_a_readable_policy_still_rotates_and_audits(
     async with sandbox.bot.db.read() as conn:
         events = [e for (e,) in await conn.execute(select(audit_log.c.event))]
     assert events.count("master_key_rotated") == 1 and "alert" not in events
+
+
+async def test_a_webhook_429_uses_up_no_attempt(hooked_box, receivers) -> None:
+    """reliability.md, Webhooks: "`Retry-After` … is waited for, and a 429 uses up no
+    attempt": with one attempt allowed, two 429s still end in a delivery."""
+    receiver = await receivers(script=[(429, {"Retry-After": "1"}), (429, {"Retry-After": "1"})])
+    box = await hooked_box((receiver, ["requested"]))
+    box.bot.dispatcher.max_attempts = 1
+    await command(box, ALICE, f"payments-write 30m {REASON}")
+    await until(lambda: len(receiver.delivered()) == 1, 10, "a 429 used up the only attempt")
+    assert [r.status for r in receiver.received] == [429, 429, 200]
+    [row] = [r for r in await _outbox(box) if r["lane"] == lane_of(receiver.url)]
+    assert row["status"] == "sent"
