@@ -317,9 +317,16 @@ async def _keys(args: argparse.Namespace) -> int:
         if args.keys_cmd == "rotate":
             assert policy is not None
             alg = policy.tokens.algorithm
-            ring = await KeyRing.open(db, master, alg, now)
+            switched_from: list[str] = []
+
+            async def note_switch(conn: Any, kid: str, was: str) -> None:
+                switched_from.append(was)  # the policy's algorithm had no key yet
+
+            ring = await KeyRing.open(db, master, alg, now, on_switch=note_switch)
             audit_key = await sealed_secret(db, master, AUDIT_KEY_NAME)
-            previous = ring.current.kid
+            # The key that signed until now: another algorithm's, if opening the ring had to
+            # make this algorithm's first key (which the rotation retires with the rest).
+            previous = switched_from[0] if switched_from else ring.current.kid
 
             async def record_rotation(conn: Any, kid: str) -> None:
                 await record(conn, now, "key_rotated",

@@ -484,3 +484,38 @@ async def test_a_webhook_429_uses_up_no_attempt(hooked_box, receivers) -> None:
     assert [r.status for r in receiver.received] == [429, 429, 200]
     [row] = [r for r in await _outbox(box) if r["lane"] == lane_of(receiver.url)]
     assert row["status"] == "sent"
+
+
+async def test_keys_rotate_after_an_algorithm_change_names_the_key_that_signed_before(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    """operations.md, keys rotate: "Makes a new signing key current and retires the
+    others … audited (`key_rotated`, … the new and previous kid)", also when the policy's
+    `tokens.algorithm` changed since the bot made its key: the previous kid is the key
+    that signed until then, every other key is retired, the new key has the new algorithm."""
+    import os
+    import subprocess
+    import sys
+
+    from bot.store.schema import audit_log, signing_keys
+
+    before = sandbox.bot.keyring.current.kid
+    await sandbox.stop_bot()  # the bot is down while its policy changes (else it would
+    # remake an RS256 key of its own policy's algorithm right after the rotation)
+    policy = tmp_path / "es256.toml"
+    policy.write_text(sandbox.policy_text.replace('algorithm = "RS256"', 'algorithm = "ES256"'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BREAKGLASS_", "SLACK_"))}
+    env.update({"BREAKGLASS_DATABASE_URL": sandbox.database_url or "",
+                "BREAKGLASS_MASTER_KEY": sandbox.master_key, "BREAKGLASS_POLICY": str(policy)})
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bot", "keys", "rotate"], env=env,
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    async with sandbox.bot.db.read() as conn:
+        keys = {r.kid: r for r in await conn.execute(select(signing_keys))}
+        rotated = [json.loads(d) for (d,) in await conn.execute(
+            select(audit_log.c.details).where(audit_log.c.event == "key_rotated"))]
+    [live] = [k for k in keys.values() if k.retired_at is None]
+    assert live.alg == "ES256" and live.kid in done.stdout
+    assert len(rotated) == 1
+    assert (rotated[0]["kid"], rotated[0]["previous"], rotated[0]["alg"]) == (
+        live.kid, before, "ES256")
