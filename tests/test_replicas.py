@@ -1,8 +1,9 @@
 """Several `breakglass serve` replicas on one database (contract §8), on SQLite and
 PostgreSQL: a revocation made through one replica holds in the other within 100 ms
 and never flips back; a token's expiry is swept and announced once; a replica killed
-with SIGKILL mid-delivery leaves its work to the other; two replay guards recording
-the same signatures at once agree on who saw each first."""
+with SIGKILL mid-delivery leaves its work to the other; a policy file edit and `keys
+rotate` reach both within 10 s; two replay guards recording the same signatures at once
+agree on who saw each first."""
 
 from __future__ import annotations
 
@@ -154,6 +155,53 @@ async def test_a_replica_killed_mid_delivery_leaves_its_work_to_the_other(replic
                          timeout=15)
     [(state,)] = await query(r.url, "SELECT state FROM requests WHERE id = :r", r=rid)
     assert state == "revealed"
+
+
+async def test_a_policy_edit_and_a_key_rotation_reach_both_replicas_within_10s(
+        replicas: Replicas) -> None:
+    """operations.md, Running replicas: "a policy file change and a `keys rotate` reach
+    every replica within 10 s (each watches by itself)": the file edited on disk, no
+    signal; each replica's /healthz names the new policy's SHA-256, and after `keys
+    rotate` each one's JWKS leads with the new key."""
+    import hashlib
+    import subprocess
+    import sys
+
+    r = replicas
+    path = Path(r.a.env["BREAKGLASS_POLICY"])
+    text = path.read_text() + "\n# reviewed by the replicas test\n"
+    want = hashlib.sha256(text.encode()).hexdigest()
+
+    async def get(replica: ServeProcess, what: str) -> Any:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(replica.url + what) as resp:
+                return await resp.json()
+
+    async def within(check: Any, seconds: float, what: str) -> float:
+        started = time.monotonic()
+        while not await check():
+            assert time.monotonic() - started < seconds, what
+            await asyncio.sleep(0.1)
+        return time.monotonic() - started
+
+    path.write_text(text)
+
+    async def both_reloaded() -> bool:
+        return all([(await get(x, "/healthz"))["policy_sha256"] == want for x in (r.a, r.b)])
+
+    await within(both_reloaded, 10.5, "a replica still runs the old policy after 10 s")
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "bot", "keys", "rotate"], env=r.a.env,
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    kid = re.search(r"new signing key (bg-[a-z2-7]{12})", done.stdout)
+    assert kid is not None, done.stdout
+
+    async def both_rotated() -> bool:
+        return all([(await get(x, "/.well-known/jwks.json"))["keys"][0]["kid"] == kid.group(1)
+                    for x in (r.a, r.b)])
+
+    await within(both_rotated, 10.5, "a replica still signs with the old key after 10 s")
 
 
 async def test_replay_guards_of_two_processes_agree(database_url: str) -> None:
