@@ -12,7 +12,11 @@ rewritten so that scope's permissions are narrowed and the bot gets SIGHUP. Meas
 - the ack of 100 concurrent `/breakglass` commands fired as soon as the first grant
   is revoked (so during the pass), target p99 <= 50 ms; with a same-run baseline:
   the same 100 commands against the idle bot before the reload, and a bare aiohttp
-  handler.
+  handler;
+- after the pass, its follow-ups (`reconcile.follow_up`: DM and card edits, the
+  announcements, the reviews) until none is pending, and the ack of another 100
+  commands fired as the pass ends (so while they run); no target, reported so the
+  whole cost of the reload is in view.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from _common import (  # noqa: E402
 from slack_load import bare_server  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
-from bot.governance.reconcile import BATCH  # noqa: E402
+from bot.governance.reconcile import BATCH, FOLLOW_UP, JOB  # noqa: E402
 from bot.store.db import Database  # noqa: E402
 from bot.store.schema import requests  # noqa: E402
 
@@ -128,9 +132,18 @@ async def run(n: int) -> list[str]:
                         raise TimeoutError(f"only {revoked} of {n} revoked after 60 s")
                     await asyncio.sleep(0.01)
                 pass_s = time.perf_counter() - t0
+                posts = [m.text for m in emu.messages("C0INCIDENT")]
+                after_pass = asyncio.create_task(gen.fire(url, secret, commands("F"), 100))
                 during = await fired
                 wave_done = answered[0]
-                posts = [m.text for m in emu.messages("C0INCIDENT")]
+                while await bot.query("SELECT count(*) FROM outbox WHERE kind = :kind AND "
+                                      "status = 'pending'", kind=JOB) != [(0,)]:
+                    if time.perf_counter() - t0 > 120:
+                        raise TimeoutError("follow-ups still pending 120 s after SIGHUP")
+                    await asyncio.sleep(0.02)
+                follow_s = time.perf_counter() - t0
+                reviewed = await bot.query("SELECT count(*) FROM reviews WHERE request_id LIKE 'RB%'")
+                following = await after_pass
                 lines.extend([
                     f"seeded {n} live grants in {seeded_in:.1f}s",
                     f"revocation pass: SIGHUP -> first grant revoked {first * 1000:.0f} ms, "
@@ -145,9 +158,13 @@ async def run(n: int) -> list[str]:
                     f"ack p99 during / idle: {pct(during, 99) / pct(idle, 99):.2f}x, "
                     f"/ bare: {pct(during, 99) / pct(base, 99):.2f}x; target p99 <= 50 ms: "
                     f"{'met' if pct(during, 99) <= 50 else 'MISSED'}",
-                    f"incident posts so far: {len(posts)} "
-                    f"(revocations announced in posts of up to {BATCH} grants each; the "
-                    f"outbox holds its sends while the pass runs)",
+                    f"incident posts when the pass ended: {len(posts)} (the outbox holds its "
+                    f"sends while the pass runs; batches of {BATCH} grants)",
+                    f"follow-ups ({FOLLOW_UP} grants each: DM and card edits, announcements, "
+                    f"reviews): all done {follow_s * 1000:.0f} ms after SIGHUP, "
+                    f"{reviewed[0][0]} reviews opened",
+                    summary("/breakglass command ack, 100 concurrent, fired as the pass ended "
+                            "(during the follow-ups)", following),
                 ])
         finally:
             await runner.cleanup()

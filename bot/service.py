@@ -113,8 +113,9 @@ class Draft:
     overdue_reviews: int = 0  # the requester's overdue post-incident reviews (the card warns)
 
 
-# Called with every grant one transaction ended (one for an expiry or a revocation, up to
-# a batch for a policy reload: `reconcile.revoke_many`), in that transaction.
+# Called with ended grants in a transaction: the one that ended it (an expiry, a
+# revocation), or a revocation pass's follow-up, in which up to `reconcile.FOLLOW_UP`
+# grants the pass ended get the rest of their ending (`reconcile.follow_up`).
 GrantsEnded = Callable[["_Writes", Sequence[Request]], Awaitable[None]]
 # Makes the text of an outbox row queued unrendered (payload `render`), at send time.
 Renderer = Callable[[dict[str, Any]], Awaitable[Rendered | None]]

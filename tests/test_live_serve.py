@@ -371,10 +371,10 @@ def seed_live_grants(db_path: Path, n: int) -> list[str]:
 async def test_serve_killed_after_a_revocation_pass_finishes_its_follow_ups_after_restart(
         tmp_path: Path) -> None:
     """A reload's revocation pass commits what stops each token (state, closure, `revoked`
-    audit row) with follow-up rows in the outbox for the rest (DM and card edits, the
-    announcements, the reviews: `reconcile.follow_up`). serve is SIGKILLed the moment
-    every grant is revoked, with follow-ups still pending; after the restart every
-    grant gets its review and its announcement, each exactly once."""
+    audit row, the announcements) with follow-up rows in the outbox for the rest (DM and
+    card edits, the reviews: `reconcile.follow_up`), which serve runs right after the
+    pass. It is SIGKILLed once the first follow-up has run, with others still pending;
+    after the restart every grant gets its review and its announcement, each once."""
     n = 1000
     async with Serve(tmp_path) as serve:
         await serve.start()
@@ -382,15 +382,17 @@ async def test_serve_killed_after_a_revocation_pass_finishes_its_follow_ups_afte
         serve.policy_path.write_text(serve.policy_text.replace(
             'permissions = ["payments:read", "payments:write"]', 'permissions = ["payments:read"]'))
         serve.sighup()
-        await serve.until(lambda: serve.sql(
-            "SELECT count(*) FROM requests WHERE id LIKE 'RS%' AND state = 'revoked'")[0][0] == n,
-            60, "the pass never revoked every grant")
+        jobs = "SELECT count(*) FROM outbox WHERE kind = 'revoked_batch' AND status = ?"
+        deadline = time.monotonic() + 60
+        while serve.sql(jobs, "sent")[0][0] == 0:  # the first follow-up has run: kill
+            assert time.monotonic() < deadline, f"no follow-up ran; log:\n{serve.log()[-3000:]}"
+            await asyncio.sleep(0.005)
         assert serve.proc is not None
         serve.proc.kill()
         serve.proc.wait()
-        pending = serve.sql("SELECT count(*) FROM outbox WHERE kind = 'revoked_batch' "
-                            "AND status = 'pending'")[0][0]
-        assert pending > 0, "every follow-up ran before the kill: nothing was tested"
+        assert serve.sql(jobs, "pending")[0][0] > 0, "every follow-up ran before the kill"
+        assert serve.sql("SELECT count(*) FROM requests WHERE id LIKE 'RS%' "
+                         "AND state = 'revoked'")[0][0] == n
         assert len(serve.sql("SELECT * FROM audit_log WHERE event = 'revoked'")) == n
 
         await serve.start()  # the same database: the follow-ups left are run now

@@ -48,11 +48,17 @@ row waits for it; a message that was never posted is left out (the post goes
 to the channel, without the link).
 
 Follow-ups (`jobs`: kind -> function) are rows whose delivery is more database
-work rather than a Slack call: the rest of a revocation that ended thousands of
-grants at once (`reconcile.follow_up`: the edits, the announcements, the
-reviews). A job gets its row's id and marks the row done (`finish_job`) in its
-own transaction, as its first statement: a job that committed is never run
-again, one that did not is retried like any failed delivery.
+work rather than a Slack call: the rest of a revocation pass that ended
+thousands of grants at once (`reconcile.follow_up`: the DM and card edits, the
+reviews), written due a little later because the pass's own process runs them
+first. A job gets its row's id and marks the row done (`finish_job`) in its own
+transaction, as its first statement: a job that committed is never run again,
+one that did not is retried, and never dead-lettered (it is the rest of what
+the database already decided). The dispatcher records an outcome only for a
+row still pending, so a job's own "done" is never overwritten, nor another
+process's dead letter. Follow-ups that a replica of an older version
+dead-lettered as an unknown kind (during a rolling upgrade) are queued again
+when the dispatcher starts and every minute after.
 
 Token DMs (`token_dm`) hold no token: the dispatcher asks `materialise`
 for the text at send time, and the token is minted then. Rows queued
@@ -94,6 +100,7 @@ log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=30)  # default when the client's timeout is unknown
 LEASE_MARGIN = timedelta(seconds=5)  # beyond the Slack client's own timeout
 BATCH_PER_LANE = 20
+REQUEUE_EVERY = 60.0  # seconds between looks for follow-ups an older version dead-lettered
 # pg_advisory_xact_lock key that serialises claims on PostgreSQL (b"bg-outbx").
 ADVISORY_LOCK_ID = 0x62672D6F75746278
 
@@ -152,7 +159,7 @@ def render_row(now: datetime, key: str, lane: str, render: str, **payload: Any) 
     return row(now, lane=lane, kind="update", payload={"key": key, "render": render, **payload})
 
 
-def render_post_row(now: datetime, channel: str, key: str, render: str, *,
+def render_post_row(now: datetime, channel: str, key: str | None, render: str, *,
                     thread_key: str | None = None, **payload: Any) -> dict[str, Any]:
     """A post whose text is made when it is sent (`materialise`, payload `render`), like
     `render_row`'s edits: cheap to enqueue by the thousand (the review threads of a
@@ -182,6 +189,11 @@ async def enqueue_many(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) ->
              stored_datetime(r["next_attempt_at"]), stored_datetime(r["created_at"])) for r in rows])
         return
     await conn.execute(insert(outbox), list(rows) if len(rows) > 1 else rows[0])
+
+
+async def enqueue_one(conn: AsyncConnection, row: dict[str, Any]) -> int:
+    """Insert one row (from `row`); its id (a follow-up's, for `finish_job`)."""
+    return int((await conn.execute(insert(outbox).returning(outbox.c.id), row)).scalar_one())
 
 
 _ROW_KEYS = {"lane": 0, "kind": 0, "payload": 0, "status": 0, "attempts": 0,
@@ -323,7 +335,13 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        requeued_at = -REQUEUE_EVERY
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
+            if self.jobs and loop.time() - requeued_at >= REQUEUE_EVERY:
+                requeued_at = loop.time()
+                with contextlib.suppress(Exception):  # the next round tries again
+                    await self._requeue_unknown_jobs()
             self._wake.clear()  # before the round: a wake during it starts another
             try:
                 busy = await self.deliver_once()
@@ -347,6 +365,20 @@ class Dispatcher:
         finally:
             for w in waits:
                 w.cancel()
+
+    async def _requeue_unknown_jobs(self) -> None:
+        """Follow-ups a process of an older version dead-lettered as an unknown kind
+        (a rolling upgrade): nothing of them ran, so they are queued again."""
+        async with self.db.transaction() as conn:
+            result = await conn.execute(
+                update(outbox).where(and_(
+                    outbox.c.status == "dead", outbox.c.kind.in_(sorted(self.jobs)),
+                    outbox.c.last_error.like("unknown outbox kind%")))
+                .values(status="pending", attempts=0, next_attempt_at=self.clock.now(),
+                        last_error=None, sent_at=None))
+        if result.rowcount:
+            log.warning("%d follow-up(s) dead-lettered by an older version queued again",
+                        result.rowcount)
 
     async def drain(self, timeout: float) -> int:
         """Deliver what is due until nothing is left or `timeout` passes; returns what is left."""
@@ -518,6 +550,16 @@ class Dispatcher:
             return Outcome.RETRY
         except Exception as exc:  # noqa: BLE001 - e.g. the database under the materialiser
             # Never log str(exc) here: the materialiser holds token text.
+            if kind in self.jobs:
+                # A follow-up is the rest of what the database already decided (the
+                # reviews of revoked grants): it is never given up, only retried.
+                delay = self._backoff(attempts)
+                await self._reschedule(row, delay, type(exc).__name__)
+                metrics.OUTBOX_RETRIES.labels(kind=kind).inc()
+                (log.error if attempts >= self.max_attempts else log.warning)(
+                    "outbox follow-up %s (%s) failed with %s (attempt %d); retry in %.2fs",
+                    row["id"], kind, type(exc).__name__, attempts, delay)
+                return Outcome.RETRY
             if attempts >= self.max_attempts:
                 await self._dead(row, attempts, f"gave up after {attempts} attempts: "
                                  f"{type(exc).__name__}", rest)
@@ -731,13 +773,18 @@ class Dispatcher:
             if d.posted:
                 posted.setdefault(d.posted[0], (d.posted[1], d.posted[2]))
         rest = sorted({i for d in batch for i in d.rest})
+        # Only a row still pending: a follow-up (`jobs`) marks its own row done in its
+        # transaction, and a row another process dead-lettered stays dead.
         async with self.db.transaction() as conn:
             if sent:
-                await conn.execute(update(outbox).where(outbox.c.id.in_(sent))
-                                   .values(status="sent", sent_at=now, last_error=None))
+                await conn.execute(
+                    update(outbox)
+                    .where(and_(outbox.c.id.in_(sent), not_indexed(outbox.c.status) == "pending"))
+                    .values(status="sent", sent_at=now, last_error=None))
             if others:
                 await conn.execute(
-                    update(outbox).where(outbox.c.id == bindparam("b_id"))
+                    update(outbox)
+                    .where(and_(outbox.c.id == bindparam("b_id"), outbox.c.status == "pending"))
                     .values(status=bindparam("b_status"), sent_at=bindparam("b_at"),
                             last_error=bindparam("b_error")),
                     [{"b_id": d.row["id"], "b_status": d.status, "b_at": now, "b_error": d.error}

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, select, update
@@ -55,11 +57,18 @@ from ..store.times import aware as _aware
 if TYPE_CHECKING:
     from ..service import Service
 
+log = logging.getLogger(__name__)
+
 BATCH = 100
 LANES = 2  # batches in flight: one's fsync overlaps the next one's transaction
 FOLLOW_UP = 25  # grants per follow-up row: each one's transaction holds the loop briefly
 JOB = "revoked_batch"  # outbox kind of the follow-up rows (`follow_up`)
-JOB_LANE = "job:revoked"  # one lane: the follow-ups run one after another, in order
+JOB_LANE = "job:revoked"  # + ":<first request id>": a lane per follow-up
+ANNOUNCE = "revoked_post"  # payload["render"] of a pass's incident posts
+# The pass's process runs its follow-ups right after the pass; one it has not run this
+# long after it was made (that process died, or the follow-up failed) is run by the
+# outbox of any process.
+JOB_GRACE = timedelta(seconds=10)
 SCAN = 1000  # live grants read at a time to decide which the new policy outlives
 FEW = 3
 YieldTo = Callable[[], Awaitable[None]] | None
@@ -145,12 +154,16 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
     ids = list(reasons)
     if not ids:
         return 0
+    jobs: list[tuple[int, dict[str, Any]]] = []
     with service.passes.running_pass():  # the outbox holds its sends meanwhile
-        return await _revoke_batches(service, ids, reasons, actor, yield_to)
+        done = await _revoke_batches(service, ids, reasons, actor, yield_to, jobs)
+    await _follow_ups(service, sorted(jobs, key=lambda job: job[0]), yield_to)
+    return done
 
 
 async def _revoke_batches(service: Service, ids: list[str], reasons: Mapping[str, str],
-                          actor: str, yield_to: YieldTo) -> int:
+                          actor: str, yield_to: YieldTo, jobs: list[tuple[int, dict[str, Any]]],
+                          ) -> int:
     """The batches, by `LANES` tasks taking the next one in turn: while one waits for
     its commit's fsync (on a thread: `WalSync`), another's transaction runs. Each
     still returns only once its own commit is durable."""
@@ -161,8 +174,7 @@ async def _revoke_batches(service: Service, ids: list[str], reasons: Mapping[str
         for batch in batches:  # shared: each batch is taken by one lane
             if yield_to is not None:
                 await yield_to()
-            done += await _revoke_batch(service, batch, reasons, actor)
-            service.wake_outbox()
+            done += await _revoke_batch(service, batch, reasons, actor, jobs)
         return done
 
     lanes = [asyncio.ensure_future(lane()) for _ in range(LANES)]
@@ -174,10 +186,12 @@ async def _revoke_batches(service: Service, ids: list[str], reasons: Mapping[str
 
 
 async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str, str],
-                        actor: str) -> int:
+                        actor: str, jobs: list[tuple[int, dict[str, Any]]]) -> int:
     """What stops the tokens, in one transaction: the state change, the token closures,
-    an audit row per grant, and the follow-up rows (`follow_up`) that do the rest."""
+    an audit row per grant, and the follow-up rows (`follow_up`) that do the rest
+    (added to `jobs` once committed)."""
     now = service.clock.now()
+    made: list[tuple[int, dict[str, Any]]] = []
     async with service.write() as w:
         moved = await _close(w.conn, batch, [State.ISSUED, State.REVEALED], State.REVOKED,
                              columns=(requests.c.id, requests.c.scope, requests.c.drill),
@@ -186,25 +200,51 @@ async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str
             return 0
         # Every process's introspection cache hears of it (store/closures.py).
         await closures.record_many(w.conn, [r.id for r in moved], now)
+        by_reason: dict[str, list[str]] = defaultdict(list)
         for r in moved:
             service.record(w, actor, "revoked", {"scope": r.scope, "why": reasons[r.id],
                                                  "via": actor}, r.id, drill=bool(r.drill))
+            by_reason[reasons[r.id]].append(r.id)
+        # The announcements, with the revocation (rendered when sent: `render`).
+        for why, rids in by_reason.items():
+            for group in ([[rid] for rid in rids] if len(rids) <= FEW else [rids]):
+                w.rows.append(outbox.render_post_row(
+                    now, service.incident_channel, None, ANNOUNCE, ids=group, why=why,
+                    actor=actor))
         for start in range(0, len(moved), FOLLOW_UP):
-            w.rows.append(outbox.row(now, lane=JOB_LANE, kind=JOB, payload={
-                "actor": actor, "reasons": {r.id: reasons[r.id]
-                                            for r in moved[start:start + FOLLOW_UP]}}))
+            part = moved[start:start + FOLLOW_UP]
+            payload = {"actor": actor, "reasons": {r.id: reasons[r.id] for r in part}}
+            # A lane each: follow-ups need no order, and one that keeps failing holds
+            # back no other.
+            job = outbox.row(now, lane=f"{JOB_LANE}:{part[0].id}", kind=JOB, payload=payload)
+            job["next_attempt_at"] = now + JOB_GRACE  # this process runs it first
+            made.append((await outbox.enqueue_one(w.conn, job), payload))
+    jobs.extend(made)
     return len(moved)
 
 
+async def _follow_ups(service: Service, jobs: list[tuple[int, dict[str, Any]]],
+                      yield_to: YieldTo) -> None:
+    """Run the follow-ups this pass made, in order, waiting for the foreground before
+    each. One that fails is left to the outbox (due `JOB_GRACE` after it was made)."""
+    for row_id, payload in jobs:
+        if yield_to is not None:
+            await yield_to()
+        try:
+            await follow_up(service, payload, row_id)
+        except Exception as exc:  # noqa: BLE001 - the outbox runs it again
+            log.warning("revocation follow-up %d failed (%s); the outbox runs it again",
+                        row_id, type(exc).__name__)
+
+
 async def follow_up(service: Service, payload: Mapping[str, Any], row_id: int) -> None:
-    """The rest of revoking `payload["reasons"]` (request id -> why), run by the outbox
-    (`Dispatcher.jobs`) once the pass is over, in one transaction that first marks its
-    row done (`outbox.finish_job`), so it happens once across processes and restarts:
-    each holder's DM and each card edited (rendered when sent: no token text stays in
-    Slack), the incident posts, and the grants' post-incident reviews
-    (`Service.on_grant_end`)."""
+    """The rest of revoking `payload["reasons"]` (request id -> why): each holder's DM
+    and each card edited (rendered when sent: no token text stays in Slack) and the
+    grants' post-incident reviews (`Service.on_grant_end`). Run by the pass's process
+    right after the pass (`revoke_many`), or else by any process's outbox
+    (`Dispatcher.jobs`), in one transaction that first marks its row done
+    (`outbox.finish_job`): once across processes, retries and restarts."""
     reasons: dict[str, str] = dict(payload.get("reasons") or {})
-    actor = str(payload.get("actor") or "policy")
     now = service.clock.now()
     async with service.write() as w:
         if not await outbox.finish_job(w.conn, row_id, now):
@@ -212,24 +252,15 @@ async def follow_up(service: Service, payload: Mapping[str, Any], row_id: int) -
         rows = (await w.conn.execute(
             select(requests).where(requests.c.id.in_(list(reasons))).order_by(requests.c.id))).all()
         ended = await _moved(w.conn, rows) if rows else []
-        by_reason: dict[str, list[Request]] = defaultdict(list)
         channel = service.reviewer_channel
         for req in ended:
-            why = reasons[req.id]
             w.rows.append(outbox.render_row(now, f"dm:{req.id}", f"dm:{req.requester}",
-                                            "dm_closed", request_id=req.id, why=why))
+                                            "dm_closed", request_id=req.id,
+                                            why=reasons[req.id]))
             w.rows.append(outbox.render_row(now, f"card:{req.id}", channel, "card",
                                             request_id=req.id))
-            by_reason[why].append(req)
         for hook in service.on_grant_end:  # the review threads (contract §7.1), together
             await hook(w, ended)
-        for why, group in by_reason.items():
-            if len(group) <= FEW:
-                for req in group:
-                    service.post_incident(
-                        w, blocks.incident_revoked(req) + f" ({blocks.escape(why)})")
-            else:
-                service.post_incident(w, blocks.incident_bulk_revoked(group, actor, why))
     service.wake_outbox()
 
 
@@ -239,6 +270,8 @@ async def render(service: Service, payload: Mapping[str, Any]) -> Rendered | Non
     other = service.renderers.get(str(payload.get("render")))
     if other is not None:
         return await other(dict(payload))
+    if payload.get("render") == ANNOUNCE:
+        return await _announcement(service, payload)
     async with service.db.read() as conn:
         req = await store.load(conn, str(payload.get("request_id")))
     if req is None:
@@ -250,6 +283,22 @@ async def render(service: Service, payload: Mapping[str, Any]) -> Rendered | Non
         text, card_blocks = service.card_of(req, service.policy.scope_named(req.scope))
         return Rendered(text, card_blocks)
     return None
+
+
+async def _announcement(service: Service, payload: Mapping[str, Any]) -> Rendered | None:
+    """The incident post for grants a batch revoked for one reason: each on its own
+    (up to `FEW`), or one post that lists them."""
+    ids = [str(i) for i in payload.get("ids") or []]
+    why, actor = str(payload.get("why") or ""), str(payload.get("actor") or "policy")
+    async with service.db.read() as conn:
+        rows = (await conn.execute(
+            select(requests).where(requests.c.id.in_(ids)).order_by(requests.c.id))).all()
+    if not rows:
+        return None
+    reqs = [store.to_request(r, []) for r in rows]
+    if len(reqs) == 1:
+        return Rendered(blocks.incident_revoked(reqs[0]) + f" ({blocks.escape(why)})")
+    return Rendered(blocks.incident_bulk_revoked(reqs, actor, why))
 
 
 async def cancel_many(service: Service, reasons: Mapping[str, str], *, actor: str,

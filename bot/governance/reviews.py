@@ -1,11 +1,12 @@
 """Post-incident reviews (contract section 7.1): the use cases.
 
 * When a grant ends (expiry, or a revocation from Slack, a relying service, a
-  policy change or an operator), `grants_ended` runs in that transaction: a row in
-  `reviews` (due `[reviews] due_after` after the end), a `review_opened` audit row,
-  and the grant's timeline with a `Review` button, posted in the thread under its
-  approval card (rendered when the outbox sends it: a reload may end thousands of
-  grants in one pass, and their reviews are opened a batch at a time).
+  policy change or an operator), `grants_ended` runs in that transaction (for a
+  revocation pass, in its follow-up's: `reconcile.follow_up`, right after the pass):
+  a row in `reviews` (due `[reviews] due_after` after the end), a `review_opened`
+  audit row, and the grant's timeline with a `Review` button, posted in the thread
+  under its approval card (rendered when the outbox sends it: a reload may end
+  thousands of grants in one pass, and their reviews are opened 25 at a time).
 * `sign_off` (the modal, or `/breakglass review ID SUMMARY…`): a member of the
   reviewer groups other than the requester, with a summary. The timeline message
   is edited to show the review; `reviewed` is audited and posted to the incident
