@@ -263,6 +263,7 @@ def looks_like_token(text_: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)  # a handful of key names, met on every event
 def _secret_key(name: str) -> bool:
     words = [w.lower() for w in _WORD_RE.findall(name)]
     if not words:

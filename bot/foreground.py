@@ -91,6 +91,7 @@ def _set(fut: asyncio.Future[None]) -> None:
 
 
 MAX_HOLD = 10.0  # seconds; the longest the outbox holds its sends for a revocation pass
+PASS_FIRST = 1.0  # seconds; the longest a Slack request's work waits for a pass
 
 
 class Passes:
@@ -98,7 +99,10 @@ class Passes:
     thousands of grants). While one runs, the outbox holds its sends (`hold`, before
     each claim and each row), so the pass, which is what makes the tokens stop
     working, has the event loop to itself between Slack's requests; what it queued
-    goes out right after. A hold never lasts longer than `MAX_HOLD`."""
+    goes out right after. A hold never lasts longer than `MAX_HOLD`. The work behind a
+    Slack request that was answered already (`Runtime.dispatch_later`, a listener's
+    spawn) waits too, for at most `PASS_FIRST`: well inside the 3 s a click's
+    `trigger_id` lives, so a modal still opens."""
 
     def __init__(self) -> None:
         self.running = 0
@@ -116,10 +120,10 @@ class Passes:
             if self.running == 0 and self._done is not None:
                 self._done.set()
 
-    async def hold(self) -> None:
-        """Return at once when no pass runs; else when it ends, or after `MAX_HOLD`."""
+    async def hold(self, limit: float = MAX_HOLD) -> None:
+        """Return at once when no pass runs; else when it ends, or after `limit` seconds."""
         done = self._done
         if self.running == 0 or done is None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), MAX_HOLD)
+            await asyncio.wait_for(done.wait(), limit)

@@ -30,7 +30,7 @@ from .delivery.outbox import Dispatcher
 from .delivery.webhooks import KIND as WEBHOOK_KIND
 from .delivery.webhooks import Webhooks
 from .directory import Directory
-from .foreground import Foreground
+from .foreground import PASS_FIRST, Foreground
 from .governance import alerts, reconcile
 from .governance.inventory import Inventory
 from .governance.key_watch import KeyWatch
@@ -351,6 +351,7 @@ class Runtime:
         task.add_done_callback(self._task_done)
 
     async def _dispatch(self, body: str, query: str, headers: dict[str, str], signature: str) -> None:
+        await self.service.passes.hold(PASS_FIRST)  # a revocation pass first, briefly
         await self.foreground.wait()
         SLACK_SIGNATURE.set(signature)  # this task's own context: its spawns check it
         _WAITED.set(True)  # its spawns have waited for the foreground already
@@ -371,6 +372,7 @@ class Runtime:
 
     async def _once(self, signature: str | None, coro: Coroutine[Any, Any, None]) -> None:
         if not _WAITED.get():
+            await self.service.passes.hold(PASS_FIRST)
             await self.foreground.wait()
         if signature is None:
             await coro

@@ -35,11 +35,13 @@ from test_flow import JWT_RE, approve, click, content, dm, incident, request, re
 
 from bot.core.clock import ManualClock, OffsetClock
 from bot.core.kdf import new_master_key
+from bot.foreground import PASS_FIRST
 from bot.governance import reconcile
 from bot.keys import KeyRing
 from bot.local.sandbox import ALICE, BOB, CAROL, DAVE, INCIDENT, REVIEWS, Sandbox
 from bot.runtime import Runtime
 from bot.store.schema import audit_log, outbox, reviews, token_closures
+from bot.store.schema import requests as requests_table
 
 SCOPE_BLOCK_START = "[scopes.payments-write]"
 
@@ -627,3 +629,33 @@ async def test_a_running_process_after_rotate_master_keeps_its_keys(sandbox: San
     assert jwt.get_unverified_header(after)["kid"] == kid
     for token in (before, after):
         assert (await introspect(box, token))["active"] is True
+
+
+async def test_a_command_during_a_revocation_pass_waits_for_it_at_most_a_second(
+        sandbox: Sandbox) -> None:
+    """While a revocation pass runs, the work behind an answered command waits for it
+    (`foreground.PASS_FIRST`): the tokens stop first. Never longer than a second, so a
+    click's modal still opens within Slack's 3 s."""
+    box = sandbox
+    passes = box.bot.service.passes
+    before = len(box.emulator.messages(REVIEWS))
+    with passes.running_pass():  # a pass that ends when the test says
+        await timed(box.slack.command(ALICE, "payments-write 30m INC-9 pass first"))
+        await asyncio.sleep(0.4)
+        assert len(box.emulator.messages(REVIEWS)) == before  # held: no card yet
+    await box.settle()
+    assert len(box.emulator.messages(REVIEWS)) == before + 1  # the pass ended: it went on
+
+    async def opened() -> int:  # the request is written (its card waits: the outbox holds)
+        async with box.bot.db.read() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(requests_table)
+                                         .where(requests_table.c.incident == "INC-10")) or 0)
+
+    with passes.running_pass():  # a pass longer than PASS_FIRST
+        started = time.monotonic()
+        await timed(box.slack.command(ALICE, "payments-write 30m INC-10 pass first"))
+        while not await opened():
+            assert time.monotonic() - started < 3.0, "held for longer than PASS_FIRST"
+            await asyncio.sleep(0.02)
+        waited = time.monotonic() - started
+    assert waited >= PASS_FIRST - 0.05

@@ -191,9 +191,14 @@ async def enqueue_many(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) ->
     await conn.execute(insert(outbox), list(rows) if len(rows) > 1 else rows[0])
 
 
-async def enqueue_one(conn: AsyncConnection, row: dict[str, Any]) -> int:
-    """Insert one row (from `row`); its id (a follow-up's, for `finish_job`)."""
-    return int((await conn.execute(insert(outbox).returning(outbox.c.id), row)).scalar_one())
+async def enqueue_returning_ids(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert `rows` (from `row`) in one statement; their ids, in order (follow-ups',
+    for `finish_job`)."""
+    if not rows:
+        return []
+    result = await conn.execute(
+        insert(outbox).returning(outbox.c.id, sort_by_parameter_order=True), list(rows))
+    return [int(i) for i in result.scalars()]
 
 
 _ROW_KEYS = {"lane": 0, "kind": 0, "payload": 0, "status": 0, "attempts": 0,

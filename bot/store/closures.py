@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, insert, literal, or_, select
+from sqlalchemy import bindparam, delete, func, insert, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .db import Database
@@ -54,7 +54,8 @@ async def record_many(conn: AsyncConnection, request_ids: Sequence[str], at: dat
         await conn.execute(insert(token_closures).from_select(
             ["token_hash", "closed_at"],
             select(requests.c.token_hash, literal(at, token_closures.c.closed_at.type))
-            .where(requests.c.id.in_(list(request_ids)), requests.c.token_hash.is_not(None))))
+            .where(requests.c.id.in_(bindparam("ids", expanding=True)),
+                   requests.c.token_hash.is_not(None))), {"ids": list(request_ids)})
 
 
 async def prune(db: Database, now: datetime) -> int:
