@@ -160,8 +160,8 @@ async def run(n: int) -> list[str]:
                     f"{'met' if pct(during, 99) <= 50 else 'MISSED'}",
                     f"incident posts when the pass ended: {len(posts)} (the outbox holds its "
                     f"sends while the pass runs; batches of {BATCH} grants)",
-                    f"follow-ups ({FOLLOW_UP} grants each: DM and card edits, announcements, "
-                    f"reviews): all done {follow_s * 1000:.0f} ms after SIGHUP, "
+                    f"follow-ups ({FOLLOW_UP} grants each: DM and card edits, reviews): all "
+                    f"done {follow_s * 1000:.0f} ms after SIGHUP, "
                     f"{reviewed[0][0]} reviews opened",
                     summary("/breakglass command ack, 100 concurrent, fired as the pass ended "
                             "(during the follow-ups)", following),
