@@ -448,7 +448,7 @@ def _engine_of(conn: AsyncConnection) -> Any:
 def listen(engine: Any, listener: Listener | None) -> None:
     """Call ``listener(batch)`` for every batch of events appended through ``engine``
     (an AsyncEngine; ``None`` removes it). ``batch`` is [(seq, event), ...] in order;
-    the listener returns outbox rows (``bot.outbox.row``), written in the same
+    the listener returns outbox rows (``bot.delivery.outbox.row``), written in the same
     transaction. It must not raise for an event it does not want: it returns []."""
     sync = getattr(engine, "sync_engine", engine)
     if listener is None:
