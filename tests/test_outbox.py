@@ -11,17 +11,19 @@ import asyncio
 import logging
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import closing
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from slack_sdk.web.async_client import AsyncWebClient
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from bot import metrics
 from bot.core.clock import SystemClock
@@ -397,6 +399,112 @@ async def test_many_lanes_beyond_one_claim_are_not_starved(world: World) -> None
     assert all(texts(world.emu, f"CL{i}") == ["hello"] for i in range(25))
     assert texts(world.emu, "CSTUCK") == []
     assert await d.pending_count() == 30
+
+
+# --------------------------------------------------------------------------- the look
+
+
+def _expected_look(rows: list[dict[str, Any]], at: datetime
+                   ) -> tuple[dict[str, list[int]], datetime | None, int]:
+    """What `Dispatcher._due` promises, from every row: per lane its first BATCH_PER_LANE
+    pending rows in id order, the due ones up to the first that is not; the earliest such
+    blocking row's time; how many pending rows that look covered."""
+    by_lane: dict[str, list[int]] = {}
+    next_due: datetime | None = None
+    seen = 0
+    for lane in sorted({r["lane"] for r in rows}):
+        firsts = sorted((r for r in rows if r["lane"] == lane and r["status"] == "pending"),
+                        key=lambda r: r["id"])[:outbox.BATCH_PER_LANE]
+        seen += len(firsts)
+        for r in firsts:
+            due = r["next_attempt_at"]
+            due = due if due.tzinfo else due.replace(tzinfo=UTC)
+            if due > at:
+                next_due = due if next_due is None else min(next_due, due)
+                break
+            by_lane.setdefault(lane, []).append(r["id"])
+    return by_lane, next_due, seen
+
+
+async def test_the_look_takes_each_lanes_first_pending_rows_in_order(database_url: str) -> None:
+    """`_due` against the rule it keeps, on random outboxes (both backends): lanes of
+    0-50 rows, pending, sent and dead mixed, some waiting (backoff or a lease)."""
+    db = Database(database_url)
+    await db.create_schema()
+    rng = random.Random(20261201)
+    at = now()
+    try:
+        for round_ in range(6):
+            async with db.transaction() as conn:
+                await conn.execute(outbox_table.delete())
+                batch = []
+                for lane in [f"C{round_}{i}" for i in range(rng.randint(0, 9))] + ["dm:U1"]:
+                    for _ in range(rng.choice([0, 1, 3, outbox.BATCH_PER_LANE, 50])):
+                        r = outbox.row(at, lane=lane, kind="post", payload={"channel": lane})
+                        r["status"] = rng.choice(["pending"] * 6 + ["sent", "dead"])
+                        if rng.random() < 0.08:
+                            r["next_attempt_at"] = at + timedelta(seconds=rng.randint(1, 600))
+                        batch.append(r)
+                rng.shuffle(batch)  # lanes interleave in id order
+                await outbox.enqueue_many(conn, batch)
+            everything = await rows(db)
+            async with db.read() as conn:
+                by_lane, next_due, seen = await Dispatcher._due(conn, at)
+            got = {lane: [r["id"] for r in rs] for lane, rs in by_lane.items()}
+            assert (got, next_due, seen) == _expected_look(everything, at), round_
+            assert all(list(r) == ["id", "lane", "kind", "payload", "attempts"]
+                       for rs in by_lane.values() for r in rs)
+        async with db.transaction() as conn:
+            await conn.execute(outbox_table.delete())
+            await outbox.enqueue_many(conn, [
+                {**outbox.row(at, lane="C1", kind="post", payload={}), "status": s}
+                for s in ("sent", "dead")])
+        async with db.read() as conn:
+            assert await Dispatcher._due(conn, at) == ({}, None, 0)  # drain's "nothing left"
+    finally:
+        await db.dispose()
+
+
+async def test_the_look_walks_the_pending_lanes_not_the_pending_rows_on_sqlite(
+        world: World) -> None:
+    """SQLite runs on the event loop: the look must not walk every pending row (30,000
+    after a large revocation pass held the loop ~108 ms a look). Every statement `_due`
+    runs is planned here: the partial index `ix_outbox_pending_lane` finds the lanes and
+    their first rows, and no step scans the outbox or walks its status index."""
+    at = now()
+    async with world.db.transaction() as conn:
+        await outbox.enqueue_many(conn, [
+            outbox.row(at, lane=f"C{i % 7}", kind="post", payload={"channel": "C"})
+            for i in range(300)])
+        await conn.execute(update(outbox_table).where(outbox_table.c.id % 5 == 0)
+                           .values(status="sent"))
+    seen: list[tuple[str, Any]] = []
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        seen.append((statement, params))
+
+    engine = world.db.engine.sync_engine
+    async with world.db.read() as conn:
+        event.listen(engine, "before_cursor_execute", on_statement)
+        try:
+            by_lane, _, looked = await Dispatcher._due(conn, at)
+        finally:
+            event.remove(engine, "before_cursor_execute", on_statement)
+    assert len(by_lane) == 7 and looked == 7 * outbox.BATCH_PER_LANE
+    statements = [(s, p) for s, p in seen if "outbox" in s]
+    assert statements, seen
+    with closing(sqlite3.connect(world.path / "outbox.db")) as db:
+        for statement, params in statements:
+            plan = [str(step[3]) for step in
+                    db.execute("EXPLAIN QUERY PLAN " + statement, params).fetchall()]
+            assert any("ix_outbox_pending_lane" in step for step in plan), plan
+            for step in plan:
+                assert "ix_outbox_status_next" not in step, plan
+                words = step.split()
+                if words[0] == "SCAN" and words[1] not in ("lanes", "CONSTANT"):  # the CTE, not the table
+                    # Only the first lane: the index in order, LIMIT 1.
+                    assert "USING INDEX ix_outbox_pending_lane" in step \
+                        or "USING COVERING INDEX ix_outbox_pending_lane" in step, plan
 
 
 # --------------------------------------------------------------------------- token DMs

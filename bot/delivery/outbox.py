@@ -29,6 +29,11 @@ Delivery
   the same row at once. The lease is longer than the Slack client's timeout.
   A process that dies mid-delivery leaves its rows leased: they go out when
   the lease runs out, from whichever process is alive (or the restarted one).
+* A round looks at each lane's first BATCH_PER_LANE pending rows only, found
+  through the partial index `ix_outbox_pending_lane` (pending rows by lane and
+  id): the look costs in proportion to the lanes with pending rows, so a backlog
+  of tens of thousands (a large revocation pass, a long Slack outage) does not
+  hold the event loop (`_DUE_SQL`).
 * A post that carries a `key` (approval cards, DMs) records Slack's `ts` in
   `slack_messages` (and when: `posted_at`) in the transaction that marks the
   row sent. A later update of that key edits that message; a retried post
@@ -87,6 +92,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import TextClause
 
 from .. import metrics
 from ..core.clock import Clock
@@ -116,6 +122,48 @@ PERMANENT_ERRORS = frozenset(
     }
 )
 
+
+# `Dispatcher._due`: the lanes with pending rows, one step each through
+# `ix_outbox_pending_lane` (a loose index scan: the next lane after the last one), then
+# each lane's first `:n` pending rows by the same index. The literal 'pending' (not a
+# parameter) is what lets SQLite use the partial index, and SQLite is told to (`INDEXED
+# BY`: without table statistics it would rather walk `ix_outbox_status_next`, every
+# pending row, for each lane). SQLite has no LATERAL: there each lane's first ids are
+# found by the index, then those rows by primary key.
+_DUE_COLUMNS = (outbox.c.id, outbox.c.lane, outbox.c.kind, outbox.c.payload, outbox.c.attempts,
+                outbox.c.next_attempt_at)
+_DUE_SQL: dict[str, TextClause] = {
+    "sqlite": text("""
+WITH RECURSIVE lanes(lane) AS (
+    SELECT (SELECT o.lane FROM outbox AS o INDEXED BY ix_outbox_pending_lane
+            WHERE o.status = 'pending' ORDER BY o.lane LIMIT 1)
+    UNION ALL
+    SELECT (SELECT o.lane FROM outbox AS o INDEXED BY ix_outbox_pending_lane
+            WHERE o.status = 'pending' AND o.lane > lanes.lane ORDER BY o.lane LIMIT 1)
+    FROM lanes WHERE lanes.lane IS NOT NULL
+)
+SELECT h.id, h.lane, h.kind, h.payload, h.attempts, h.next_attempt_at
+FROM lanes JOIN outbox AS h ON h.id IN (
+    SELECT p.id FROM outbox AS p INDEXED BY ix_outbox_pending_lane
+    WHERE p.status = 'pending' AND p.lane = lanes.lane ORDER BY p.id LIMIT :n)
+ORDER BY h.lane, h.id
+""").columns(*_DUE_COLUMNS),
+    "postgresql": text("""
+WITH RECURSIVE lanes(lane) AS (
+    SELECT (SELECT o.lane FROM outbox AS o
+            WHERE o.status = 'pending' ORDER BY o.lane LIMIT 1)
+    UNION ALL
+    SELECT (SELECT o.lane FROM outbox AS o
+            WHERE o.status = 'pending' AND o.lane > lanes.lane ORDER BY o.lane LIMIT 1)
+    FROM lanes WHERE lanes.lane IS NOT NULL
+)
+SELECT h.id, h.lane, h.kind, h.payload, h.attempts, h.next_attempt_at
+FROM lanes CROSS JOIN LATERAL (
+    SELECT p.id, p.lane, p.kind, p.payload, p.attempts, p.next_attempt_at FROM outbox AS p
+    WHERE p.status = 'pending' AND p.lane = lanes.lane ORDER BY p.id LIMIT :n) AS h
+ORDER BY h.lane, h.id
+""").columns(*_DUE_COLUMNS),
+}
 
 @dataclass(frozen=True)
 class Rendered:
@@ -477,14 +525,15 @@ class Dispatcher:
     async def _due(conn: AsyncConnection, now: datetime
                    ) -> tuple[dict[str, list[dict[str, Any]]], datetime | None, int]:
         """The first rows of every lane that are due, up to BATCH_PER_LANE, in order; when
-        the first row that is not due is; and how many pending rows were looked at."""
-        rn = func.row_number().over(partition_by=outbox.c.lane, order_by=outbox.c.id).label("rn")
-        heads = select(outbox, rn).where(outbox.c.status == "pending").subquery()
-        rows = (
-            await conn.execute(
-                select(heads).where(heads.c.rn <= BATCH_PER_LANE).order_by(heads.c.lane, heads.c.id)
-            )
-        ).mappings().all()
+        the first row that is not due is; and how many pending rows were looked at (each
+        lane's first BATCH_PER_LANE pending rows, 0 when nothing is pending).
+
+        Through `ix_outbox_pending_lane` only: one step from each lane with pending rows
+        to the next, then each lane's first rows, so the cost follows the lanes, not the
+        pending rows (a large revocation pass or a long Slack outage leaves tens of
+        thousands; SQLite runs on the event loop)."""
+        rows = (await conn.execute(
+            _DUE_SQL[conn.dialect.name], {"n": BATCH_PER_LANE})).mappings().all()
         by_lane: dict[str, list[dict[str, Any]]] = {}
         blocked: set[str] = set()
         next_due: datetime | None = None
