@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from typing import Any
 
 import aiohttp
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
+from test_token_attacks import get_token
 
-from bot.local.sandbox import ALICE, BOB, CAROL, REVIEWS, Sandbox
-
-JWT_RE = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+")
+from bot.local.sandbox import Sandbox
 
 
 async def get_json(url: str) -> tuple[int, str, dict[str, Any]]:
@@ -30,19 +28,6 @@ async def form(box: Sandbox, path: str, data: dict[str, str]) -> tuple[int, str]
     async with aiohttp.ClientSession() as s, s.post(
             f"{box.url}{path}", data=data, headers={"Authorization": f"Basic {auth}"}) as r:
         return r.status, await r.text()
-
-
-async def token(box: Sandbox, text: str) -> str:
-    await box.slack.command(ALICE, text)
-    await box.settle()
-    rid = box.latest_request_id()
-    for user in (BOB, CAROL):
-        await box.slack.click(user, "bg_approve", rid, channel_id=REVIEWS)
-        await box.settle()
-    await box.slack.click(ALICE, "bg_reveal", rid, channel_id=box.emulator.dm_channel_for(ALICE))
-    await box.settle()
-    [found] = JWT_RE.findall(json.dumps(box.emulator.views[-1].view))
-    return found
 
 
 async def test_healthz_is_503_when_the_database_does_not_answer(sandbox: Sandbox) -> None:
@@ -66,7 +51,7 @@ async def test_healthz_is_503_when_the_database_does_not_answer(sandbox: Sandbox
 
 async def test_a_token_type_hint_changes_nothing(sandbox: Sandbox) -> None:
     box = sandbox
-    live = await token(box, "payments-write 10m INC-1 hinted")
+    live = await get_token(box, "payments-write 10m INC-1 hinted")
     for hint in ("access_token", "refresh_token", "no_such_type"):
         status, text = await form(box, "/oauth2/introspect",
                                   {"token": live, "token_type_hint": hint})

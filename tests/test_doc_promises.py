@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from helpers import command, free_port, timed
 from sqlalchemy import select
+from test_flow import approve
 
 from bot.core.clock import OffsetClock
 from bot.delivery.webhooks import lane_of
@@ -52,14 +53,6 @@ async def until(check: Callable[[], Any], timeout: float, what: str) -> None:
             return
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.05)
-
-
-async def approve(box: Sandbox, rid: str, *users: str) -> None:
-    for user in users:
-        card = box.card(rid)
-        await timed(box.slack.click(user, "bg_approve", rid, channel_id=card.channel,
-                                    message_ts=card.ts))
-        await box.settle()
 
 
 def incident_posts(box: Sandbox, word: str, rid: str) -> list[str]:
