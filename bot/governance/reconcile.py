@@ -152,8 +152,9 @@ async def revoke_many(service: Service, reasons: Mapping[str, str], *, actor: st
     process revoked (a grant already closed, here or elsewhere, is left alone).
 
     Per grant, in its batch's transaction: the state change, its token closure, its
-    audit row, and its share of a follow-up row (`follow_up`: the DM and card edits,
-    the announcement, the review)."""
+    audit row, its announcement (alone, or in one post with the batch's others for the
+    same reason), and its share of a follow-up row (`follow_up`: the DM and card edits,
+    the review), run right after the pass."""
     ids = list(reasons)
     if not ids:
         return 0
@@ -196,8 +197,8 @@ async def _revoke_batches(service: Service, ids: list[str], reasons: Mapping[str
 async def _revoke_batch(service: Service, batch: list[str], reasons: Mapping[str, str],
                         actor: str, jobs: list[tuple[int, dict[str, Any]]]) -> int:
     """What stops the tokens, in one transaction: the state change, the token closures,
-    an audit row per grant, and the follow-up rows (`follow_up`) that do the rest
-    (added to `jobs` once committed)."""
+    an audit row per grant, the announcements, and the follow-up rows (`follow_up`)
+    that do the rest (added to `jobs` once committed)."""
     now = service.clock.now()
     payloads: list[dict[str, Any]] = []
     async with service.write() as w:
